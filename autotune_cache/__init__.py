@@ -1,0 +1,4 @@
+"""Pre-tuned launch settings shipped with tritonbn (JSON files, package data).
+
+See tritonbn/autotune. Installed as ``tritonbn.autotune_cache``.
+"""

@@ -1,0 +1,199 @@
+"""BatchNorm backward over the canonical (N, C, S) view (see kernels/common.py).
+
+With g = dy, xhat = (x - mean) * invstd, scale = weight * invstd (invstd when
+there is no weight) and m = N * S values per channel:
+
+    dbias   = sum g
+    dweight = sum g * xhat
+    training:  dx = scale * (g - dbias / m - xhat * dweight / m)
+    eval:      dx = scale * g      (mean / invstd come from the running stats)
+
+xhat is recomputed from x and the saved per-channel mean / invstd; nothing of
+size N * C * S is saved by the forward.
+
+resident  grid (cdiv(C, BLOCK_C),): x and dy of a channel block in registers,
+          reduce, then dx. 2 reads, 1 write.
+split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S). ``bn_bwd_sums_kernel``
+          writes per-(split, channel) partial sums; ``bn_bwd_dx_kernel`` adds
+          them up in a fixed order in every program (bitwise identical
+          everywhere, no atomics), the split-0 program writes dweight / dbias,
+          and each program writes dx for its share. 4 reads, 1 write.
+          Eval mode without weight/bias gradients skips the sums entirely.
+"""
+import triton
+import triton.language as tl
+
+from .common import load_channel, split_range, tile_offsets
+
+
+@triton.jit
+def bn_bwd_sums_kernel(
+    X, DY,          # (N, C, S) input and output gradient
+    Mean, Invstd,   # [C] saved by the forward
+    Partials,       # [2, P, C] sum g, sum g * xhat per (split, channel)
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    n_per_split, s_per_split,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_splits = tl.num_programs(1) * tl.num_programs(2)
+    split = pid_n * tl.num_programs(2) + pid_s
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)[None, :, None]
+
+    acc_g = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    acc_g_xmu = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    n_start, n_end = split_range(pid_n, n_per_split, N)
+    s_start, s_end = split_range(pid_s, s_per_split, S)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            g_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            acc_g += g
+            acc_g_xmu += g * tl.where(mask, x - mean, 0.0)
+    sum_g = tl.sum(tl.sum(acc_g, 2), 0)
+    sum_g_xhat = tl.sum(tl.sum(acc_g_xmu, 2), 0) * load_channel(Invstd, cols, cmask, ACC_DTYPE)
+
+    base = split * C + cols
+    tl.store(Partials + base, sum_g, mask=cmask)
+    tl.store(Partials + num_splits * C + base, sum_g_xhat, mask=cmask)
+
+
+@triton.jit
+def sum_partials(Partials, num_splits, C, cols, cmask,
+                 SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sum the [2, P, C] partials of channels `cols` in a fixed order."""
+    p = tl.arange(0, SPLIT_BLOCK)
+    sum_g = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    sum_g_xhat = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    for p0 in range(0, num_splits, SPLIT_BLOCK):
+        rows = p0 + p
+        offs = rows[:, None] * C + cols[None, :]
+        mask = (rows < num_splits)[:, None] & cmask[None, :]
+        sum_g += tl.sum(tl.load(Partials + offs, mask=mask, other=0.0), 0)
+        sum_g_xhat += tl.sum(tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0), 0)
+    return sum_g, sum_g_xhat
+
+
+@triton.jit
+def bn_bwd_dx_kernel(
+    X, DY, DX,          # (N, C, S) input, output gradient, input gradient
+    Partials,           # [2, P, C] from bn_bwd_sums_kernel (unused without HAS_SUMS)
+    Weight,             # [C] or dummy
+    Mean, Invstd,       # [C] saved by the forward
+    DWeight, DBias,     # [C] outputs, or dummies
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    stride_dxn, stride_dxc, stride_dxs,
+    n_per_split, s_per_split,
+    num_splits,         # P, the partials per channel (the dx grid may be smaller)
+    count,              # m = N * S, as a float
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, HAS_SUMS: tl.constexpr,
+    STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
+    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+
+    if HAS_SUMS:
+        sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
+        smask = cmask & (pid_n == 0) & (pid_s == 0)
+        if STORE_DWEIGHT:
+            tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=smask)
+        if STORE_DBIAS:
+            tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=smask)
+
+    if COMPUTE_DX:
+        if TRAINING:
+            inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
+            # dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
+            g_shift = (sum_g * inv_count)[None, :, None]
+            xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+        mean = mean[None, :, None]
+        scale = scale[None, :, None]
+        n_start, n_end = split_range(pid_n, n_per_split, N)
+        s_start, s_end = split_range(pid_s, s_per_split, S)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            for s0 in range(s_start, s_end, BLOCK_S):
+                g_offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                                            BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                if TRAINING:
+                    offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                    dx = scale * (g - g_shift) - (x - mean) * xmu_coef
+                else:
+                    dx = scale * g
+                dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_bwd_resident_kernel(
+    X, DY, DX,          # (N, C, S) input, output gradient, input gradient
+    Weight, Mean, Invstd,
+    DWeight, DBias,
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    stride_dxn, stride_dxc, stride_dxs,
+    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+    STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs, mask = tile_offsets(0, 0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    g_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
+    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+    xhat = tl.where(mask, x - mean[None, :, None], 0.0) * invstd[None, :, None]
+    sum_g = tl.sum(tl.sum(g, 2), 0)
+    sum_g_xhat = tl.sum(tl.sum(g * xhat, 2), 0)
+    if STORE_DWEIGHT:
+        tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
+    if STORE_DBIAS:
+        tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
+
+    if COMPUTE_DX:
+        scale = invstd
+        if HAS_WEIGHT:
+            scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+        if TRAINING:
+            count = tl.maximum(tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0), 1.0)
+            dx = (g - (sum_g / count)[None, :, None] - xhat * (sum_g_xhat / count)[None, :, None])
+            dx = dx * scale[None, :, None]
+        else:
+            dx = g * scale[None, :, None]
+        dx_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                                  BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -1,0 +1,133 @@
+"""Building blocks shared by the BatchNorm kernels: tile addressing and Welford.
+
+Every kernel sees its input through one canonical (N, C, S) view: N the batch,
+C the channels, S the flattened spatial size. Element (n, c, s) of tensor T lives
+at ``n * stride_n + c * stride_c + s * stride_s``. One of the last two strides
+is the unit stride and is a compile-time 1, so loads vectorise along it:
+
+- channel-strided (NCHW-like, ``CHANNEL_INNER=False``): stride_s == 1;
+- channel-inner (channels_last, (N, C) 2-D; ``CHANNEL_INNER=True``): stride_c == 1.
+
+A program works on tiles [BLOCK_N, BLOCK_C, BLOCK_S]; per-channel values are
+[BLOCK_C] vectors and per-channel reductions run over axes 0 and 2. The layout
+only changes the block shape the launcher picks (BLOCK_C == 1 for wide spatial
+planes, BLOCK_S small for channel-inner data), never the kernel code.
+
+Statistics are Welford triples (count, mean, m2) with m2 = sum (x - mean)^2,
+kept per lane and merged with Chan's formula. The merge uses tl.sum rather
+than tl.reduce with a custom combine: same accuracy, and tl.reduce falls back
+to a per-element Python loop under the Triton interpreter.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_offsets(
+    n0, s0, cols, cmask, N, S,
+    stride_n, stride_c, stride_s,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr,
+):
+    """Element offsets and in-bounds mask of the tile starting at (n0, cols[0], s0)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (n < N)[:, None, None] & cmask[None, :, None] & (s < S)[None, None, :]
+    c = cols
+    if INT64:
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+        c = c.to(tl.int64)
+    if CHANNEL_INNER:
+        offs = n[:, None, None] * stride_n + c[None, :, None] + s[None, None, :] * stride_s
+    else:
+        offs = n[:, None, None] * stride_n + c[None, :, None] * stride_c + s[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def welford_update(count, mean, m2, x, mask):
+    """Add one value per lane (where mask) to per-lane Welford accumulators."""
+    count = count + mask.to(count.dtype)
+    delta = x - mean
+    mean = mean + tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+    m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
+    return count, mean, m2
+
+
+@triton.jit
+def welford_merge(count, mean, m2, AXIS: tl.constexpr):
+    """Chan-merge Welford triples along AXIS.
+
+    n = sum n_i;  mean = sum n_i mean_i / n;  m2 = sum (m2_i + n_i (mean_i - mean)^2).
+    Every term of m2 is non-negative, so nothing cancels. Empty lanes (n_i = 0)
+    contribute nothing; an all-empty slice gives (0, 0, 0).
+    """
+    total = tl.sum(count, AXIS)
+    merged_mean = tl.sum(count * mean, AXIS) / tl.maximum(total, 1.0)
+    dev = mean - tl.expand_dims(merged_mean, AXIS)
+    merged_m2 = tl.sum(m2 + count * dev * dev, AXIS)
+    return total, merged_mean, merged_m2
+
+
+@triton.jit
+def welford_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's pairwise merge of two Welford triples (elementwise)."""
+    n = n_a + n_b
+    frac_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac_b
+    m2 = m2_a + m2_b + delta * delta * n_a * frac_b
+    return n, mean, m2
+
+
+@triton.jit
+def split_range(pid, per_split, size):
+    """[start, end) of this program's share of one dimension."""
+    start = pid * per_split
+    end = tl.minimum(start + per_split, size)
+    return start, end
+
+
+@triton.jit
+def load_channel(ptr, cols, cmask, ACC_DTYPE: tl.constexpr):
+    """A per-channel vector [BLOCK_C] in the accumulation dtype."""
+    return tl.load(ptr + cols, mask=cmask, other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def combine_double(hi, lo, ACC_DTYPE: tl.constexpr):
+    """A float64 hyper-parameter passed as two float32 halves (Triton passes
+    Python floats as fp32); in fp32 this is just hi."""
+    return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
+
+
+@triton.jit
+def store_channel_stats(
+    SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+    cols, smask, mean, var, invstd, count,
+    momentum_hi, momentum_lo,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Write save_mean / save_invstd and apply the running-stat update.
+
+    running_mean = (1 - momentum) * running_mean + momentum * mean
+    running_var  = (1 - momentum) * running_var  + momentum * var * count / (count - 1)
+    With CUMULATIVE_AVERAGE (momentum=None) momentum = 1 / num_batches_tracked,
+    read on the device so a compiled graph never turns it into a Python float.
+    smask selects the channels this program owns (one writer per channel).
+    """
+    tl.store(SaveMean + cols, mean, mask=smask)
+    tl.store(SaveInvstd + cols, invstd, mask=smask)
+    if UPDATE_RUNNING:
+        if CUMULATIVE_AVERAGE:
+            momentum = 1.0 / tl.load(NumBatchesTracked).to(ACC_DTYPE)
+        else:
+            momentum = combine_double(momentum_hi, momentum_lo, ACC_DTYPE)
+        unbiased_var = var * count / tl.maximum(count - 1.0, 1.0)
+        running_mean = tl.load(RunningMean + cols, mask=smask, other=0.0).to(ACC_DTYPE)
+        running_var = tl.load(RunningVar + cols, mask=smask, other=0.0).to(ACC_DTYPE)
+        running_mean = (1.0 - momentum) * running_mean + momentum * mean
+        running_var = (1.0 - momentum) * running_var + momentum * unbiased_var
+        tl.store(RunningMean + cols, running_mean.to(RunningMean.dtype.element_ty), mask=smask)
+        tl.store(RunningVar + cols, running_var.to(RunningVar.dtype.element_ty), mask=smask)

@@ -1,0 +1,188 @@
+"""Training-mode BatchNorm forward: per-channel batch statistics, then
+y = (x - mean) * scale + bias with scale = weight * invstd.
+
+Two regimes over the canonical (N, C, S) view (see kernels/common.py), with
+m = N * S values per channel:
+
+resident  grid (cdiv(C, BLOCK_C),). A program holds its channels' m values in
+          registers (BLOCK_N >= N, BLOCK_S >= S): exact two-pass mean and
+          variance on-chip, normalize, write. 1 read, 1 write, 1 launch.
+          Limit: the whole channel block must fit one tile.
+split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S), the same grid for both
+          kernels. ``bn_fwd_stats_kernel`` writes one Welford partial
+          (count, mean, m2) per (split, channel) in the accumulation dtype.
+          ``bn_fwd_normalize_kernel``: every program merges its channels'
+          partials in the same fixed order (so all agree bitwise), the program
+          with split index 0 writes save_mean / save_invstd and updates the
+          running statistics, and each program normalizes its own share.
+          2 reads, 1 write, 2 launches, no atomics: bitwise reproducible.
+
+Normalization keeps the (x - mean) form rather than the folded x * scale + shift:
+x - mean is exact when both are close, which matters when |mean| >> std.
+"""
+import triton
+import triton.language as tl
+
+from .common import (
+    combine_double, load_channel, split_range, store_channel_stats, tile_offsets,
+    welford_combine, welford_merge, welford_update,
+)
+
+
+@triton.jit
+def bn_fwd_stats_kernel(
+    X,              # (N, C, S) input, strides (stride_xn, stride_xc, stride_xs)
+    Partials,       # [3, P, C] count, mean, m2 per (split, channel); P = SPLIT_N * SPLIT_S
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    n_per_split, s_per_split,   # multiples of BLOCK_N / BLOCK_S
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    num_splits = tl.num_programs(1) * tl.num_programs(2)
+    split = pid_n * tl.num_programs(2) + pid_s
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+
+    count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    n_start, n_end = split_range(pid_n, n_per_split, N)
+    s_start, s_end = split_range(pid_s, s_per_split, S)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            count, mean, m2 = welford_update(count, mean, m2, x, mask)
+    count, mean, m2 = welford_merge(count, mean, m2, 2)
+    count, mean, m2 = welford_merge(count, mean, m2, 0)
+
+    base = split * C + cols
+    tl.store(Partials + base, count, mask=cmask)
+    tl.store(Partials + num_splits * C + base, mean, mask=cmask)
+    tl.store(Partials + 2 * num_splits * C + base, m2, mask=cmask)
+
+
+@triton.jit
+def merge_partials(Partials, num_splits, C, cols, cmask,
+                   SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge the [3, P, C] Welford partials of channels `cols`, SPLIT_BLOCK at a time,
+    always in the same order."""
+    p = tl.arange(0, SPLIT_BLOCK)
+    count = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    mean = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    m2 = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    for p0 in range(0, num_splits, SPLIT_BLOCK):
+        rows = p0 + p
+        offs = rows[:, None] * C + cols[None, :]
+        mask = (rows < num_splits)[:, None] & cmask[None, :]
+        part_count = tl.load(Partials + offs, mask=mask, other=0.0)
+        part_mean = tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(Partials + 2 * num_splits * C + offs, mask=mask, other=0.0)
+        chunk_count, chunk_mean, chunk_m2 = welford_merge(part_count, part_mean, part_m2, 0)
+        count, mean, m2 = welford_combine(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
+    return count, mean, m2
+
+
+@triton.jit
+def bn_fwd_normalize_kernel(
+    X,                  # (N, C, S) input
+    Y,                  # (N, C, S) output, strides (stride_yn, stride_yc, stride_ys)
+    Partials,           # [3, P, C] from bn_fwd_stats_kernel
+    Weight, Bias,       # [C] or dummies (HAS_WEIGHT / HAS_BIAS)
+    RunningMean, RunningVar,    # [C], updated in place when UPDATE_RUNNING
+    NumBatchesTracked,  # [] int64, read when CUMULATIVE_AVERAGE
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    n_per_split, s_per_split,
+    num_splits,         # P = SPLIT_N * SPLIT_S, the grid's last two dims
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+
+    count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
+    var = m2 / tl.maximum(count, 1.0)
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    is_first = (pid_n == 0) & (pid_s == 0)
+    store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                        cols, cmask & is_first, mean, var, invstd, count,
+                        momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
+
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    bias = tl.zeros([BLOCK_C], ACC_DTYPE)
+    if HAS_BIAS:
+        bias = load_channel(Bias, cols, cmask, ACC_DTYPE)
+    mean = mean[None, :, None]
+    scale = scale[None, :, None]
+    bias = bias[None, :, None]
+
+    n_start, n_end = split_range(pid_n, n_per_split, N)
+    s_start, s_end = split_range(pid_s, s_per_split, S)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            y = (x - mean) * scale + bias
+            y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_fwd_resident_kernel(
+    X, Y,               # (N, C, S) input and output
+    Weight, Bias,       # [C] or dummies
+    RunningMean, RunningVar, NumBatchesTracked,
+    SaveMean, SaveInvstd,
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    offs, mask = tile_offsets(0, 0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+
+    count = tl.maximum(tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0), 1.0)
+    mean = tl.sum(tl.sum(x, 2), 0) / count
+    xmu = tl.where(mask, x - mean[None, :, None], 0.0)
+    var = tl.sum(tl.sum(xmu * xmu, 2), 0) / count
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                        cols, cmask, mean, var, invstd, count,
+                        momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
+
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    y = xmu * scale[None, :, None]
+    if HAS_BIAS:
+        y = y + load_channel(Bias, cols, cmask, ACC_DTYPE)[None, :, None]
+    y_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -1,0 +1,70 @@
+"""Inference-mode BatchNorm forward, folded into one affine pass:
+
+    invstd = 1 / sqrt(running_var + eps)
+    scale  = weight * invstd,   shift = bias - running_mean * scale
+    y      = x * scale + shift          (one FMA per element)
+
+Grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S) over the canonical (N, C, S) view
+(kernels/common.py). Each program folds its own channels' scale / shift (C is
+tiny next to N * S, so recomputing it per program is free and saves a launch),
+then streams its share: 1 read, 1 write. The split-0 program of each channel
+block also writes save_mean = running_mean and save_invstd, which the
+eval-mode backward (dx = g * scale) reuses.
+
+The folded form rounds x * scale once, so when |running_mean| >> sqrt(running_var)
+it carries an absolute error of about eps_fp * |running_mean| * |scale|, as
+PyTorch's own folded CPU kernel does.
+"""
+import triton
+import triton.language as tl
+
+from .common import combine_double, load_channel, split_range, tile_offsets
+
+
+@triton.jit
+def bn_inference_kernel(
+    X, Y,                       # (N, C, S) input and output
+    Weight, Bias,               # [C] or dummies
+    RunningMean, RunningVar,    # [C]
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs
+    N, C, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    n_per_split, s_per_split,
+    eps_hi, eps_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+
+    mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
+    var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    smask = cmask & (pid_n == 0) & (pid_s == 0)
+    tl.store(SaveMean + cols, mean, mask=smask)
+    tl.store(SaveInvstd + cols, invstd, mask=smask)
+
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + load_channel(Bias, cols, cmask, ACC_DTYPE)
+    scale = scale[None, :, None]
+    shift = shift[None, :, None]
+
+    n_start, n_end = split_range(pid_n, n_per_split, N)
+    s_start, s_end = split_range(pid_s, s_per_split, S)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            tl.store(Y + y_offs, (x * scale + shift).to(Y.dtype.element_ty), mask=mask)

@@ -1,0 +1,24 @@
+"""Test setup: on a machine without CUDA, run the Triton kernels on the CPU
+through the Triton interpreter. The variable must be set before tritonbn's
+kernels are decorated, i.e. before anything imports tritonbn."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tritonbn  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the kernels under test run: the GPU if there is one, else the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,74 @@
+"""GPU-only checks: realistic shapes through the heuristic configs, and inputs
+past 2**31 elements (64-bit offsets). Skipped without CUDA; the rest of the
+suite also runs on CUDA when there is one."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritonbn
+from reference import assert_matches_reference, reference_batch_norm, reference_grads
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+SHAPES = [(32, 64, 112, 112), (32, 256, 56, 56), (64, 512, 28, 28), (32, 2048, 7, 7),
+          (4096, 1024), (257, 100), (8, 64, 16, 56, 56)]
+
+
+CASES = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in SHAPES if len(shape) > 2]
+
+
+@pytest.mark.parametrize("shape,channels_last", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_reference_shapes(shape, dtype, channels_last, training):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    C = shape[1]
+    params = dict(device="cuda", dtype=torch.float32 if dtype != torch.float32 else dtype)
+    weight, bias = torch.randn(C, **params), torch.randn(C, **params)
+    running = torch.randn(C, **params), torch.rand(C, **params) + 0.5
+    grad_out = torch.randn_like(x)
+    results = []
+    for fn in (tritonbn.batch_norm, F.batch_norm):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        rm, rv = running[0].clone(), running[1].clone()
+        y = fn(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5)
+        y.backward(grad_out)
+        results.append((y, *(t.grad for t in leaves), rm, rv))
+    ours, theirs = results
+    y_ref, rm_ref, rv_ref = reference_batch_norm(x, *running, weight, bias, training, 0.1, 1e-5)
+    assert_matches_reference("y", ours[0], theirs[0], y_ref, dtype)
+    del y_ref
+    for name, o, t, r in zip(("dx", "dweight", "dbias"), ours[1:4], theirs[1:4],
+                             reference_grads(x, weight, bias, grad_out, *running, training, 1e-5)):
+        assert_matches_reference(name, o, t, r, dtype)
+    if training:
+        assert_matches_reference("running_mean", ours[4], theirs[4], rm_ref, params["dtype"])
+        assert_matches_reference("running_var", ours[5], theirs[5], rv_ref, params["dtype"])
+
+
+def test_more_than_2_31_elements_fp16():
+    """fp16 input of 3.2e9 elements: the last elements sit past 2**31 and must
+    be normalized, and get their gradient, with their own channel's statistics."""
+    N, C, S = 2, 3, 2**29 + 11
+    x = torch.randn(N, C, S, device="cuda", dtype=torch.float16)
+    x[:, 1] += 3.0
+    xr = x.clone().requires_grad_()
+    y = tritonbn.batch_norm(xr, None, None, training=True)
+    grad_out = torch.randn_like(x)
+    y.backward(grad_out)
+    tail = slice(S - 4096, S)
+    for c in range(C):
+        xf = x[:, c].float()
+        var, mean = torch.var_mean(xf, unbiased=False)
+        invstd = torch.rsqrt(var + 1e-5)
+        xhat = (xf - mean) * invstd
+        del xf
+        g = grad_out[:, c].float()
+        sum_g, sum_g_xhat, m = g.sum(), (g * xhat).sum(), g.numel()
+        torch.testing.assert_close(y[:, c, tail].float(), xhat[:, tail], atol=4e-3, rtol=4e-3)
+        expected_dx = invstd * (g[:, tail] - sum_g / m - xhat[:, tail] * sum_g_xhat / m)
+        torch.testing.assert_close(xr.grad[:, c, tail].float(), expected_dx, atol=4e-3, rtol=4e-3)
+        del g, xhat

@@ -1,0 +1,174 @@
+"""Launch settings: what a kernel launch needs beyond its tensors, and the plain
+heuristic that chooses them without measuring anything.
+
+A ``Problem`` names one kernel family on one canonical (N, C, S) view; a
+``LaunchConfig`` says how to run it. The heuristic always gives a valid,
+reasonable config; the tuner (tritonbn.autotune.tuner) only improves on it.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+OPS = ("forward", "backward", "inference")
+REGIMES = ("resident", "split")
+
+# Largest tile a resident program may hold in registers, in elements. The
+# backward holds two tensors (x and dy), so it gets half.
+RESIDENT_LIMIT = {"forward": 8192, "backward": 4096, "inference": 0}
+# Elements per tile of a looping program, and the number of programs a split
+# grid aims for, per streaming multiprocessor.
+TILE = 2048
+PROGRAMS_PER_SM = 4
+# The interpreter pays ~10 ms per program and ~5 ms per loop step whatever
+# the block size, so there the heuristic picks few, large tiles.
+INTERPRETER_TILE = 16384
+INTERPRETER_RESIDENT_LIMIT = 65536
+MAX_SPLITS = 1024
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One kernel family on one canonical view: the key a config is chosen for."""
+
+    op: str              # "forward" (training), "backward" or "inference"
+    N: int
+    C: int
+    S: int
+    channel_inner: bool  # True: channel stride 1 (channels_last, 2-D); False: spatial stride 1
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def layout(self) -> str:
+        return "channel_inner" if self.channel_inner else "channel_strided"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block shape, grid split and warps for one launch.
+
+    regime "resident" (forward/backward only) holds a whole channel block in
+    one tile: block_n >= N and block_s >= S, split_n == split_s == 1.
+    regime "split" loops over tiles; the grid is
+    (cdiv(C, block_c), split_n, split_s), each program taking an equal run of
+    whole tiles along N and along S.
+    """
+
+    regime: str
+    block_n: int
+    block_c: int
+    block_s: int
+    split_n: int = 1
+    split_s: int = 1
+    num_warps: int = 4
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LaunchConfig":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+    def validate(self, problem: Problem) -> None:
+        """Raise ValueError naming the first thing that makes this config unusable."""
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; expected one of {REGIMES}")
+        for name in ("block_n", "block_c", "block_s", "num_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, got {value}")
+        if self.split_n < 1 or self.split_s < 1:
+            raise ValueError(f"splits must be >= 1, got ({self.split_n}, {self.split_s})")
+        if self.regime == "resident":
+            if problem.op == "inference":
+                raise ValueError("inference has no resident regime")
+            if self.block_n < problem.N or self.block_s < problem.S:
+                raise ValueError(
+                    f"resident config ({self.block_n} x {self.block_s}) does not cover "
+                    f"N={problem.N}, S={problem.S}")
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else 0).multi_processor_count
+    return 1
+
+
+def _num_warps(tile_elements: int) -> int:
+    return max(1, min(16, next_power_of_2(tile_elements // 256)))
+
+
+def _blocks(problem: Problem, tile: int) -> tuple[int, int, int]:
+    """(block_n, block_c, block_s) for a tile of about `tile` elements.
+
+    channel-inner: channels along the contiguous axis (32 of them = 128 B of
+    fp32 per row), then spatial, then batch rows. channel-strided: the
+    contiguous spatial run first, then batch rows, and several channels per
+    program only when one channel's plane is small.
+    """
+    N, C, S = problem.N, problem.C, problem.S
+    if problem.channel_inner:
+        block_c = min(next_power_of_2(C), 32 if tile <= TILE else 64)
+        block_s = min(next_power_of_2(S), max(1, tile // block_c))
+        block_n = min(next_power_of_2(N), max(1, tile // (block_c * block_s)))
+    else:
+        block_s = min(next_power_of_2(S), tile)
+        block_n = min(next_power_of_2(N), max(1, tile // block_s))
+        block_c = min(next_power_of_2(C), max(1, tile // (block_n * block_s)))
+    return block_n, block_c, block_s
+
+
+def _resident(problem: Problem, limit: int) -> LaunchConfig | None:
+    N, C, S = problem.N, problem.C, problem.S
+    block_n, block_s = next_power_of_2(N), next_power_of_2(S)
+    if block_n * block_s > limit:
+        return None
+    block_c = 1
+    if problem.channel_inner:
+        # channels are the contiguous axis: fewer than 8 per row wastes most of each 32 B sector
+        block_c = min(next_power_of_2(C), 32, limit // (block_n * block_s))
+        if block_c < min(next_power_of_2(C), 8):
+            return None
+    elif block_n * block_s < 1024:
+        # small planes: several channels per program
+        block_c = min(next_power_of_2(C), 16, limit // (block_n * block_s))
+    return LaunchConfig("resident", block_n, block_c, block_s,
+                        num_warps=_num_warps(block_n * block_c * block_s))
+
+
+def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
+    block_n, block_c, block_s = _blocks(problem, tile)
+    channel_blocks = triton.cdiv(problem.C, block_c)
+    tiles_n = triton.cdiv(problem.N, block_n)
+    tiles_s = triton.cdiv(problem.S, block_s)
+    want = min(MAX_SPLITS, max(1, target_programs // channel_blocks))
+    split_n = min(tiles_n, want)
+    split_s = min(tiles_s, max(1, want // split_n))
+    return LaunchConfig("split", block_n, block_c, block_s, split_n, split_s,
+                        num_warps=_num_warps(block_n * block_c * block_s))
+
+
+def heuristic(problem: Problem) -> LaunchConfig:
+    """A config from shape alone: no timing, no cache."""
+    if problem.device.type != "cuda":  # the Triton interpreter
+        resident = _resident(problem, INTERPRETER_RESIDENT_LIMIT) if problem.op != "inference" else None
+        return resident or _split(problem, INTERPRETER_TILE, target_programs=1)
+    sms = _sm_count(problem.device.type, problem.device.index)
+    if problem.op != "inference":
+        resident = _resident(problem, RESIDENT_LIMIT[problem.op])
+        # one program per channel block is enough when that fills the GPU,
+        # or when the whole problem is small enough that launches dominate
+        numel = problem.N * problem.C * problem.S
+        if resident is not None and (
+                triton.cdiv(problem.C, resident.block_c) >= sms or numel <= (1 << 20)):
+            return resident
+    return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)

@@ -1,0 +1,69 @@
+"""Argument checks shared by the eager ops and their fake (tracing) versions.
+
+Every message names the argument and what was expected. Exception types follow
+PyTorch's batch_norm, so code that catches torch's errors catches ours.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_rank(input: torch.Tensor) -> None:
+    if input.dim() < 2:
+        raise ValueError(
+            f"batch_norm expects an input of shape (N, C, *), got a {input.dim()}-D tensor "
+            f"of shape {tuple(input.shape)}")
+
+
+def check_inputs(input: torch.Tensor, weight, bias, running_mean, running_var,
+                 num_batches_tracked, training: bool, momentum: float | None) -> None:
+    check_rank(input)
+    if input.dtype not in FLOAT_DTYPES:
+        raise NotImplementedError(
+            f"batch_norm supports float16, bfloat16, float32 and float64 inputs, got {input.dtype}")
+    channels = input.shape[1]
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    params = {name: t for name, t in params.items() if t is not None}
+    for name, t in params.items():
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(
+                f"{name} should contain {channels} elements not {t.numel()}: expected one value "
+                f"per channel, shape ({channels},), for input of shape {tuple(input.shape)}, "
+                f"got shape {tuple(t.shape)}")
+        if t.device != input.device:
+            raise RuntimeError(
+                f"{name} is on {t.device} but input is on {input.device}; "
+                f"all tensors must be on the same device")
+    _check_dtypes(input.dtype, params)
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise RuntimeError(f"{missing} is None but the other running statistic is not; "
+                           f"pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if training and running_mean is not None and momentum is None:
+        if num_batches_tracked is None or num_batches_tracked.numel() != 1:
+            raise RuntimeError("momentum=None (cumulative moving average) needs num_batches_tracked, "
+                               "a one-element integer tensor")
+        if num_batches_tracked.device != input.device:
+            raise RuntimeError(f"num_batches_tracked is on {num_batches_tracked.device} but input is on "
+                               f"{input.device}; all tensors must be on the same device")
+
+
+def _check_dtypes(input_dtype: torch.dtype, params: dict) -> None:
+    """Parameters and running stats share one dtype: the input's, or float32
+    for a float16 / bfloat16 input (what torch.autocast produces)."""
+    dtypes = {t.dtype for t in params.values()}
+    if not dtypes or dtypes == {input_dtype}:
+        return
+    if input_dtype in HALF_DTYPES and dtypes == {torch.float32}:
+        return
+    found = ", ".join(f"{name}={t.dtype}" for name, t in params.items())
+    allowed = f"all {input_dtype}"
+    if input_dtype in HALF_DTYPES:
+        allowed += " or all torch.float32"
+    raise RuntimeError(f"dtype mismatch: input is {input_dtype} but {found}; "
+                       f"weight, bias, running_mean and running_var must be {allowed}")

@@ -1,0 +1,64 @@
+"""Functional API mirroring torch.nn.functional.batch_norm."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .checks import check_rank
+from .ops import BatchNormFunction
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    size = input.shape
+    values_per_channel = size[0]
+    for dim in size[2:]:
+        values_per_channel *= dim
+    if values_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch Normalization over dim 1 of ``input`` (N, C, *), as
+    torch.nn.functional.batch_norm, computed by tritonbn's Triton kernels.
+
+    training=True normalizes with the batch statistics (biased variance) and,
+    when running_mean / running_var are given, updates them in place:
+    ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+    batch variance. training=False normalizes with the running statistics.
+    """
+    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps)
+
+
+def batch_norm_tracked(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """batch_norm, plus momentum=None: a cumulative moving average with
+    momentum = 1 / num_batches_tracked, read on the device (no host sync and
+    no graph break under torch.compile). What the modules call."""
+    check_rank(input)
+    if training:
+        _verify_batch_size(input)
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, training, momentum, eps)

@@ -1,0 +1,272 @@
+"""Kernel launchers: canonical views, output allocation, config choice, launch.
+
+Every input (N, C, *spatial) is read through one canonical (N, C, S) view
+without copying (kernels/common.py):
+
+- channel-strided: the spatial dims collapse to one run of stride 1 (NCHW,
+  NCDHW, NCL contiguous, batch or channel slices of them);
+- channel-inner: the channel stride is 1 and the spatial dims collapse to one
+  strided run (channels_last, channels_last_3d, 2-D (N, C), slices of them).
+
+Outputs take the memory format PyTorch's batch_norm gives them
+(``suggest_memory_format`` of the input). An input no view fits (a spatial
+transpose, a channels-last 1-D tensor, a transposed 2-D tensor) is copied once
+into that format with ``.contiguous``; so is a gradient whose layout differs
+from the input's.
+
+These functions assume validated arguments (tritonbn.ops checks them) and a
+non-empty input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch._prims_common import suggest_memory_format
+
+from . import kernels
+from .autotune import LaunchConfig, Problem, choose_config
+
+_ACC = {torch.float64: tl.float64}
+_INT32_MAX = 2**31 - 1
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format PyTorch gives batch_norm's output (and grad_input)."""
+    return suggest_memory_format(x)
+
+
+@dataclass(frozen=True)
+class View:
+    """(N, C, S) sizes and per-tensor (n, c, s) strides of the canonical view."""
+
+    N: int
+    C: int
+    S: int
+    channel_inner: bool
+
+
+def _collapsed_spatial_stride(t: torch.Tensor) -> int | None:
+    """Stride of the spatial dims read as one run, or None if they do not collapse."""
+    stride_s, expected = None, None
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size == 1:
+            continue
+        if stride_s is None:
+            stride_s, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected *= size
+    return 1 if stride_s is None else stride_s
+
+
+def _strides(t: torch.Tensor, view: View) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) of t in `view`, or None if t does not fit it."""
+    stride_s = _collapsed_spatial_stride(t)
+    if stride_s is None:
+        return None
+    stride_c = t.stride(1)
+    if view.channel_inner and view.C > 1 and stride_c != 1:
+        return None
+    if not view.channel_inner and view.S > 1 and stride_s != 1:
+        return None
+    return t.stride(0), stride_c, stride_s
+
+
+def plan(x: torch.Tensor) -> tuple[torch.Tensor, View, torch.memory_format]:
+    """The input as read by the kernels (copied only if no view fits), its view,
+    and the memory format of the outputs."""
+    fmt = output_format(x)
+    S = math.prod(x.shape[2:])
+    channel_inner = S == 1 or fmt in (torch.channels_last, torch.channels_last_3d)
+    view = View(x.shape[0], x.shape[1], S, channel_inner)
+    if _strides(x, view) is None:
+        x = x.contiguous(memory_format=fmt)
+    return x, view, fmt
+
+
+def conform(t: torch.Tensor, view: View, fmt: torch.memory_format) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """t (an input of the same shape) with strides that fit `view`, copied if needed."""
+    strides = _strides(t, view)
+    if strides is None:
+        t = t.contiguous(memory_format=fmt)
+        strides = _strides(t, view)
+    return t, strides
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether any element offset of these tensors can pass int32."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX
+               for t in tensors)
+
+
+def _hi_lo(value: float) -> tuple[float, float]:
+    """value as two float32 halves: Triton passes Python floats as fp32, and
+    float64 inputs need momentum and eps to ~48 bits."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _config(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None) -> LaunchConfig:
+    problem = Problem(op, view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
+    if config is None:
+        return choose_config(problem)
+    config.validate(problem)
+    return config
+
+
+def _grid_split(view: View, cfg: LaunchConfig) -> tuple[tuple[int, int, int], int, int]:
+    """Grid and the per-program share (whole tiles) along N and along S."""
+    n_per_split = triton.cdiv(triton.cdiv(view.N, cfg.block_n), cfg.split_n) * cfg.block_n
+    s_per_split = triton.cdiv(triton.cdiv(view.S, cfg.block_s), cfg.split_s) * cfg.block_s
+    grid = (triton.cdiv(view.C, cfg.block_c), triton.cdiv(view.N, n_per_split),
+            triton.cdiv(view.S, s_per_split))
+    return grid, n_per_split, s_per_split
+
+
+# Elements of the [splits x channels] tile a program merges partials in per step.
+MERGE_TILE = 4096
+
+
+def _split_block(num_splits: int, block_c: int) -> int:
+    """Partials merged per step: all of them, up to a MERGE_TILE-element tile."""
+    return min(triton.next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
+
+
+def _meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor) -> dict:
+    return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s,
+                CHANNEL_INNER=view.channel_inner, INT64=_needs_int64(x, *tensors),
+                ACC_DTYPE=_ACC.get(x.dtype, tl.float32), num_warps=cfg.num_warps)
+
+
+def forward_training(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                     momentum: float | None, eps: float, config: LaunchConfig | None = None):
+    """Batch statistics, normalize, update running stats in place.
+
+    momentum=None means a cumulative average: momentum = 1 / num_batches_tracked,
+    read on the device. Returns (y, save_mean, save_invstd).
+    """
+    x, view, fmt = plan(x)
+    cfg = _config("forward", view, x, config)
+    y = torch.empty_like(x, memory_format=fmt)
+    acc = acc_dtype(x.dtype)
+    save_mean = torch.empty(view.C, dtype=acc, device=x.device)
+    save_invstd = torch.empty(view.C, dtype=acc, device=x.device)
+    update = running_mean is not None
+    dummy = save_mean
+    momentum_hi, momentum_lo = _hi_lo(0.0 if momentum is None else momentum)
+    eps_hi, eps_lo = _hi_lo(eps)
+    args = dict(
+        Weight=dummy if weight is None else weight, Bias=dummy if bias is None else bias,
+        RunningMean=running_mean if update else dummy, RunningVar=running_var if update else dummy,
+        NumBatchesTracked=dummy if num_batches_tracked is None else num_batches_tracked,
+        SaveMean=save_mean, SaveInvstd=save_invstd,
+        N=view.N, C=view.C, S=view.S,
+        **_named_strides("x", _strides(x, view)), **_named_strides("y", _strides(y, view)),
+        momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
+        **_meta(view, cfg, x, y),
+    )
+    if cfg.regime == "resident":
+        kernels.bn_fwd_resident_kernel[(triton.cdiv(view.C, cfg.block_c),)](x, y, **args)
+        return y, save_mean, save_invstd
+
+    grid, n_per_split, s_per_split = _grid_split(view, cfg)
+    num_splits = grid[1] * grid[2]
+    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
+    kernels.bn_fwd_stats_kernel[grid](
+        x, partials, view.N, view.C, view.S, **_named_strides("x", _strides(x, view)),
+        n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+    kernels.bn_fwd_normalize_kernel[grid](
+        x, y, partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
+        SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
+    return y, save_mean, save_invstd
+
+
+def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
+                      config: LaunchConfig | None = None):
+    """y = x * scale + shift from the running stats. Returns (y, mean, invstd)
+    with mean = running_mean and invstd = 1 / sqrt(running_var + eps) in the
+    statistics dtype, for the eval-mode backward."""
+    x, view, fmt = plan(x)
+    cfg = _config("inference", view, x, config)
+    y = torch.empty_like(x, memory_format=fmt)
+    acc = acc_dtype(x.dtype)
+    save_mean = torch.empty(view.C, dtype=acc, device=x.device)
+    save_invstd = torch.empty(view.C, dtype=acc, device=x.device)
+    grid, n_per_split, s_per_split = _grid_split(view, cfg)
+    eps_hi, eps_lo = _hi_lo(eps)
+    kernels.bn_inference_kernel[grid](
+        x, y, save_mean if weight is None else weight, save_mean if bias is None else bias,
+        running_mean, running_var, save_mean, save_invstd,
+        view.N, view.C, view.S,
+        **_named_strides("x", _strides(x, view)), **_named_strides("y", _strides(y, view)),
+        n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **_meta(view, cfg, x, y))
+    return y, save_mean, save_invstd
+
+
+def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
+             output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None,
+             config: LaunchConfig | None = None):
+    """(grad_input, grad_weight, grad_bias); an entry is None where output_mask
+    is False, where there is no weight (grad_weight) or no bias (bias_dtype None)."""
+    need_dx, need_dw, need_db = output_mask
+    need_dw = need_dw and weight is not None
+    need_db = need_db and bias_dtype is not None
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
+    x, view, fmt = plan(x)
+    cfg = _config("backward", view, x, config)
+    grad_out, g_strides = conform(grad_out, view, fmt)
+    dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
+    dw = torch.empty(view.C, dtype=weight.dtype, device=x.device) if need_dw else None
+    db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None
+    dummy = save_mean
+    dx_ = dx if dx is not None else x
+    args = dict(
+        Weight=dummy if weight is None else weight, Mean=save_mean, Invstd=save_invstd,
+        DWeight=dw if need_dw else dummy, DBias=db if need_db else dummy,
+        N=view.N, C=view.C, S=view.S,
+        **_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
+        **_named_strides("dx", _strides(dx_, view)),
+        HAS_WEIGHT=weight is not None, TRAINING=training,
+        STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
+        **_meta(view, cfg, x, grad_out, dx_),
+    )
+    if cfg.regime == "resident":
+        kernels.bn_bwd_resident_kernel[(triton.cdiv(view.C, cfg.block_c),)](x, grad_out, dx_, **args)
+        return dx, dw, db
+
+    grid, n_per_split, s_per_split = _grid_split(view, cfg)
+    has_sums = training or need_dw or need_db
+    num_splits = grid[1] * grid[2]
+    partials = dummy
+    if has_sums:
+        partials = torch.empty((2, num_splits, view.C), dtype=acc_dtype(x.dtype), device=x.device)
+        kernels.bn_bwd_sums_kernel[grid](
+            x, grad_out, save_mean, save_invstd, partials, view.N, view.C, view.S,
+            **_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
+            n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x, grad_out))
+    # without dx, one program per channel block is enough to merge the sums
+    dx_grid = grid if need_dx else (grid[0], 1, 1)
+    kernels.bn_bwd_dx_kernel[dx_grid](
+        x, grad_out, dx_, partials, n_per_split=n_per_split, s_per_split=s_per_split,
+        num_splits=num_splits, count=float(view.N * view.S), HAS_SUMS=has_sums,
+        SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
+    return dx, dw, db
+
+
+def _named_strides(prefix: str, strides: tuple[int, int, int]) -> dict:
+    return {f"stride_{prefix}n": strides[0], f"stride_{prefix}c": strides[1],
+            f"stride_{prefix}s": strides[2]}

@@ -1,0 +1,133 @@
+"""torch.library custom ops (namespace ``tritonbn``) and the autograd.Function
+that ties forward to backward.
+
+``tritonbn::batch_norm_forward`` declares that it mutates running_mean and
+running_var, so torch.compile sees the buffer update instead of losing it.
+Each op has a fake implementation (shapes, dtypes, strides only), so
+torch.compile(fullgraph=True) traces through without a graph break.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them when the
+Triton interpreter is on (TRITON_INTERPRET=1 before tritonbn is imported) and
+otherwise run PyTorch's own batch_norm (tritonbn.fallback); other devices run
+PyTorch's batch_norm too.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import fallback, kernels, launch
+from .checks import check_inputs
+
+
+def runs_triton(t: Tensor) -> bool:
+    """Whether the Triton kernels (compiled or interpreted) handle this tensor."""
+    return t.device.type == "cuda" or (t.device.type == "cpu" and kernels.INTERPRETED)
+
+
+def _empty_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    acc = launch.acc_dtype(input.dtype)
+    channels = input.shape[1]
+    return input.new_zeros((channels,), dtype=acc), input.new_zeros((channels,), dtype=acc)
+
+
+@torch.library.custom_op("tritonbn::batch_norm_forward", mutates_args=("running_mean", "running_var"))
+def batch_norm_forward(
+    input: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, save_mean, save_invstd). Training: batch statistics, running stats
+    updated in place when given (momentum=None: cumulative average over
+    num_batches_tracked). Eval: running statistics; save_mean / save_invstd
+    are then running_mean and 1 / sqrt(running_var + eps)."""
+    check_inputs(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum)
+    if input.numel() == 0:  # empty batch: empty output, running stats untouched
+        return (torch.empty_like(input, memory_format=launch.output_format(input)),
+                *_empty_stats(input))
+    impl = launch if runs_triton(input) else fallback
+    if training:
+        return impl.forward_training(input, weight, bias, running_mean, running_var,
+                                     num_batches_tracked, momentum, eps)
+    return impl.forward_inference(input, weight, bias, running_mean, running_var, eps)
+
+
+@batch_norm_forward.register_fake
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+    check_inputs(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum)
+    y = torch.empty_like(input, memory_format=launch.output_format(input))
+    acc = launch.acc_dtype(input.dtype)
+    return y, input.new_empty((input.shape[1],), dtype=acc), input.new_empty((input.shape[1],), dtype=acc)
+
+
+@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Optional[Tensor],
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    output_mask: list[bool],
+    bias_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias). A gradient not asked for in
+    output_mask, or with no parameter to go to, comes back as an empty tensor."""
+    need_dx, need_dw, need_db = output_mask
+    if input.numel() == 0:
+        dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx else None
+        dw = weight.new_zeros(weight.shape) if need_dw and weight is not None else None
+        db = input.new_zeros((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype else None
+    else:
+        impl = launch if runs_triton(input) else fallback
+        dx, dw, db = impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
+                                   (need_dx, need_dw, need_db), bias_dtype)
+    placeholder = input.new_empty((0,))
+    return (placeholder if dx is None else dx, placeholder.clone() if dw is None else dw,
+            placeholder.clone() if db is None else db)
+
+
+@batch_norm_backward.register_fake
+def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype):
+    need_dx, need_dw, need_db = output_mask
+    dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx \
+        else input.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if need_dw and weight is not None else input.new_empty((0,))
+    db = input.new_empty((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype is not None \
+        else input.new_empty((0,))
+    return dx, dw, db
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Forward and backward ops tied for autograd; saves only (x, weight,
+    save_mean, save_invstd) and routes gradients to what requires them."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                training, momentum, eps):
+        y, save_mean, save_invstd = torch.ops.tritonbn.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked,
+            training, momentum, eps)
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.training = training
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+        grads = (None, None, None)
+        if any(mask):
+            dx, dw, db = torch.ops.tritonbn.batch_norm_backward(
+                grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype)
+            grads = tuple(g if m else None for g, m in zip((dx, dw, db), mask))
+        return (*grads, None, None, None, None, None, None)
