@@ -25,7 +25,8 @@ def check_inputs(input: torch.Tensor, weight, bias, running_mean, running_var,
         raise NotImplementedError(
             f"batch_norm supports float16, bfloat16, float32 and float64 inputs, got {input.dtype}")
     channels = input.shape[1]
-    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
+    # torch's order of checks: running stats first
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias}
     params = {name: t for name, t in params.items() if t is not None}
     for name, t in params.items():
         if t.dim() != 1 or t.shape[0] != channels:

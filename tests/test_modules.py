@@ -1,0 +1,252 @@
+"""tritonbn.BatchNorm1d/2d/3d as drop-ins for torch.nn's: options, buffers,
+checkpoints, errors, conversion of whole models, training step for step."""
+import copy
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tritonbn
+
+PAIRS = [(nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3, 5)),
+         (nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3)),
+         (nn.BatchNorm2d, tritonbn.BatchNorm2d, (4, 3, 3, 5)),
+         (nn.BatchNorm3d, tritonbn.BatchNorm3d, (2, 3, 2, 3, 4))]
+# (momentum, affine, track_running_stats, bias); bias=False only exists with affine=True
+OPTIONS = [(m, a, t, b) for m, a, t, b in itertools.product([0.1, None], [True, False], [True, False],
+                                                            [True, False]) if a or b]
+
+
+def _twins(torch_cls, our_cls, device, **kwargs):
+    theirs = torch_cls(3, device=device, **kwargs)
+    ours = our_cls(3, device=device, **kwargs)
+    with torch.no_grad():  # same non-trivial state in both
+        for t, o in zip(theirs.parameters(), ours.parameters()):
+            t.copy_(torch.randn_like(t))
+            o.copy_(t)
+    return theirs, ours
+
+
+def _assert_same_state(ours, theirs, atol=1e-5):
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        mine = ours.state_dict()[key]
+        assert mine.dtype == value.dtype, key
+        torch.testing.assert_close(mine, value, atol=atol, rtol=atol, msg=key)
+
+
+@pytest.mark.parametrize("torch_cls,our_cls,shape", PAIRS, ids=["1d-3D", "1d-2D", "2d", "3d"])
+@pytest.mark.parametrize("momentum,affine,track,bias", OPTIONS)
+def test_every_option_matches_torch(device, torch_cls, our_cls, shape, momentum, affine, track, bias):
+    """Two training steps then an eval step: outputs, grads, buffers, state_dict."""
+    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track)
+    if not bias:
+        kwargs["bias"] = False
+    theirs, ours = _twins(torch_cls, our_cls, device, **kwargs)
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    for step in range(3):
+        training = step < 2
+        theirs.train(training)
+        ours.train(training)
+        x = torch.randn(shape, device=device) * (step + 1) + step
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        y_theirs, y_ours = theirs(xs[0]), ours(xs[1])
+        torch.testing.assert_close(y_ours, y_theirs, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(y_theirs)
+        y_theirs.backward(grad)
+        y_ours.backward(grad)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, atol=1e-5, rtol=1e-5)
+        for t, o in zip(theirs.parameters(), ours.parameters()):
+            torch.testing.assert_close(o.grad, t.grad, atol=1e-5, rtol=1e-5)
+        _assert_same_state(ours, theirs)
+
+
+def test_reset_methods(device):
+    theirs, ours = _twins(nn.BatchNorm2d, tritonbn.BatchNorm2d, device)
+    ours(torch.randn(4, 3, 2, 2, device=device))
+    ours.reset_running_stats()
+    assert torch.equal(ours.running_mean, torch.zeros(3, device=device))
+    assert torch.equal(ours.running_var, torch.ones(3, device=device))
+    assert ours.num_batches_tracked.item() == 0
+    ours.reset_parameters()
+    assert torch.equal(ours.weight, torch.ones(3, device=device))
+    assert torch.equal(ours.bias, torch.zeros(3, device=device))
+
+
+def test_bias_false_without_a_bias_parameter(device):
+    bn = tritonbn.BatchNorm2d(3, bias=False, device=device)
+    assert bn.bias is None and "bias" not in bn.state_dict()
+    bn.reset_parameters()
+    y = bn(torch.randn(4, 3, 2, 2, device=device))
+    assert y.shape == (4, 3, 2, 2)
+
+
+def test_factory_kwargs(device):
+    bn = tritonbn.BatchNorm1d(3, device=device, dtype=torch.float64)
+    assert bn.weight.dtype == bn.running_mean.dtype == torch.float64
+    assert bn.num_batches_tracked.dtype == torch.long
+    assert bn.weight.device.type == torch.device(device).type
+
+
+def test_checkpoint_round_trip(device):
+    theirs, _ = _twins(nn.BatchNorm2d, tritonbn.BatchNorm2d, device)
+    theirs(torch.randn(4, 3, 2, 2, device=device))
+    ours = tritonbn.BatchNorm2d(3, device=device)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    _assert_same_state(ours, theirs, atol=0)
+    ours(torch.randn(4, 3, 2, 2, device=device))
+    back = nn.BatchNorm2d(3, device=device)
+    back.load_state_dict(ours.state_dict(), strict=True)
+    _assert_same_state(back, ours, atol=0)
+
+
+def test_checkpoint_from_before_num_batches_tracked(device):
+    """A version-1 state_dict has no num_batches_tracked; torch's rule fills in 0."""
+    theirs, _ = _twins(nn.BatchNorm2d, tritonbn.BatchNorm2d, device)
+    state = theirs.state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1
+    ours = tritonbn.BatchNorm2d(3, device=device)
+    ours.num_batches_tracked.fill_(7)
+    ours.load_state_dict(state, strict=True)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, atol=0, rtol=0)
+    assert ours.num_batches_tracked.item() == 7  # kept, as torch keeps its own
+
+
+def test_empty_batch(device):
+    theirs, ours = _twins(nn.BatchNorm2d, tritonbn.BatchNorm2d, device)
+    x = torch.randn(0, 3, 4, 4, device=device)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.shape == y_theirs.shape == (0, 3, 4, 4)
+    y_ours.sum().backward()
+    assert torch.equal(ours.weight.grad, torch.zeros(3, device=device))
+    _assert_same_state(ours, theirs, atol=0)  # num_batches_tracked counts it, as in torch
+
+
+def test_module_errors(device):
+    ours = tritonbn.BatchNorm2d(3, device=device)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        ours(torch.randn(2, 3, 4, device=device))
+    with pytest.raises(ValueError, match=r"expected 2D or 3D input \(got 4D input\)"):
+        tritonbn.BatchNorm1d(3, device=device)(torch.randn(2, 3, 4, 5, device=device))
+    with pytest.raises(ValueError, match=r"expected 5D input \(got 4D input\)"):
+        tritonbn.BatchNorm3d(3, device=device)(torch.randn(2, 3, 4, 5, device=device))
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+        ours(torch.randn(2, 4, 3, 3, device=device))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        ours(torch.randn(1, 3, 1, 1, device=device))
+    ours.eval()
+    assert ours(torch.randn(1, 3, 1, 1, device=device)).shape == (1, 3, 1, 1)
+
+
+class SmallCNN(nn.Module):
+    """conv-bn-relu x3, pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], [3, 8, 16, 16]
+        for c_in, c_out in zip(channels, channels[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _train_twins(device, channels_last=False, autocast_dtype=None, steps=5):
+    torch.manual_seed(0)
+    theirs = SmallCNN().to(device)
+    ours = tritonbn.convert_batchnorm(copy.deepcopy(theirs))
+    models = [theirs, ours]
+    if channels_last:
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    losses = [[], []]
+    for _ in range(steps):
+        x = torch.randn(6, 3, 8, 8, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 10, (6,), device=device)
+        for model, opt, loss_log in zip(models, optimizers, losses):
+            opt.zero_grad()
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype,
+                                enabled=autocast_dtype is not None):
+                loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+            loss_log.append(loss.item())
+    return models, losses
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_converted_cnn_trains_like_torch(device, channels_last):
+    (theirs, ours), (loss_theirs, loss_ours) = _train_twins(device, channels_last)
+    assert all(type(m) is not nn.BatchNorm2d for m in ours.modules())
+    torch.testing.assert_close(loss_ours, loss_theirs, atol=1e-4, rtol=1e-4)
+    _assert_same_state(ours, theirs, atol=1e-4)
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(4, 3, 8, 8, device=device)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-4, rtol=1e-4)
+
+
+AUTOCAST_DTYPES = [torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_converted_cnn_under_autocast(device, dtype):
+    """Under autocast BN sees 16-bit activations with float32 parameters."""
+    seen = set()
+    hook = nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.add((type(module), args[0].dtype, module.weight.dtype))
+        if isinstance(module, tritonbn.BatchNorm2d) else None)
+    try:
+        (theirs, ours), (loss_theirs, loss_ours) = _train_twins(device, autocast_dtype=dtype, steps=3)
+    finally:
+        hook.remove()
+    assert seen == {(tritonbn.BatchNorm2d, dtype, torch.float32)}
+    torch.testing.assert_close(loss_ours, loss_theirs, atol=3e-2, rtol=3e-2)
+    _assert_same_state(ours, theirs, atol=5e-2)
+
+
+def test_convert_keeps_parameters_flags_and_identity(device):
+    model = SmallCNN().to(device)
+    model.features[1].weight.requires_grad_(False)
+    model.features[4].eval()
+    bn_before = model.features[1]
+    params_before = list(model.parameters())
+    converted = tritonbn.convert_batchnorm(model)
+    assert converted is model and model.features[1] is bn_before
+    assert type(model.features[1]) is tritonbn.BatchNorm2d
+    assert isinstance(model.features[1], nn.BatchNorm2d)
+    assert all(a is b for a, b in zip(model.parameters(), params_before))
+    assert not model.features[1].weight.requires_grad
+    assert not model.features[4].training and model.features[1].training
+    tritonbn.revert_batchnorm(model)
+    assert type(model.features[1]) is nn.BatchNorm2d
+    assert all(a is b for a, b in zip(model.parameters(), params_before))
+
+
+def test_convert_root_module_and_all_ranks():
+    for torch_cls, our_cls in ((nn.BatchNorm1d, tritonbn.BatchNorm1d),
+                               (nn.BatchNorm2d, tritonbn.BatchNorm2d),
+                               (nn.BatchNorm3d, tritonbn.BatchNorm3d)):
+        assert type(tritonbn.convert_batchnorm(torch_cls(4))) is our_cls
+        assert type(tritonbn.revert_batchnorm(our_cls(4))) is torch_cls
+
+
+def test_convert_leaves_sync_batchnorm_and_subclasses_with_a_warning():
+    class FrozenBN(nn.BatchNorm2d):
+        pass
+    model = nn.Sequential(nn.SyncBatchNorm(4), FrozenBN(4), nn.LazyBatchNorm2d())
+    with pytest.warns(UserWarning) as record:
+        tritonbn.convert_batchnorm(model)
+    messages = " ".join(str(w.message) for w in record)
+    assert "SyncBatchNorm" in messages and "lazy" in messages
+    assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is FrozenBN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tritonbn.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))

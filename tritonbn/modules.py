@@ -1,0 +1,120 @@
+"""Drop-in BatchNorm1d / 2d / 3d modules, and helpers to swap them into a model.
+
+Each class subclasses its torch.nn counterpart and overrides only ``forward``:
+constructor, parameters, buffers, state_dict (including the rule that loads
+checkpoints saved before num_batches_tracked existed), ``reset_parameters``,
+``extra_repr`` and the input-rank checks are torch's own, and
+``isinstance(m, torch.nn.BatchNorm2d)`` stays true for code that looks for
+BatchNorm layers (weight-decay filters, BN freezing, init loops).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .functional import batch_norm_tracked
+
+# torch >= 2.13 has a keyword-only ``bias`` flag on BatchNorm; older releases do not.
+_TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
+
+
+class _TritonBatchNorm:
+    """forward() of torch's _BatchNorm, computed by tritonbn's kernels.
+
+    momentum=None (cumulative average) passes num_batches_tracked to the kernel,
+    which reads 1 / num_batches_tracked on the device: no float() of a tensor,
+    so a compiled model keeps one graph.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, bias: bool = True) -> None:
+        if _TORCH_HAS_BIAS_FLAG:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                             device, dtype, bias=bias)
+        else:
+            super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+            if affine and not bias:
+                self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum  # None: cumulative average over num_batches_tracked
+            num_batches_tracked = self.num_batches_tracked
+        # batch statistics in training, and in eval when there are no running stats
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        # running stats are read in eval, and updated in training only when tracked
+        use_running = not self.training or self.track_running_stats
+        return batch_norm_tracked(
+            input,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight, self.bias, bn_training, momentum, self.eps,
+            num_batches_tracked=num_batches_tracked,
+        )
+
+
+class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on tritonbn's kernels: input (N, C) or (N, C, L)."""
+
+
+class BatchNorm2d(_TritonBatchNorm, nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on tritonbn's kernels: input (N, C, H, W)."""
+
+
+class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on tritonbn's kernels: input (N, C, D, H, W)."""
+
+
+_TO_TRITON = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+_TO_TORCH = {ours: theirs for theirs, ours in _TO_TRITON.items()}
+
+
+def _swap_classes(model: nn.Module, mapping: dict) -> nn.Module:
+    for module in model.modules():
+        target = mapping.get(type(module))
+        if target is not None:
+            module.__class__ = target
+    return model
+
+
+def convert_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every torch.nn.BatchNorm1d / 2d / 3d in ``model`` a tritonbn one, in place.
+
+    Only modules of exactly those classes are converted: a user subclass may
+    have its own forward and is left alone.
+
+    The modules keep their identity, parameters (same Parameter objects, so an
+    optimizer built before still updates them), buffers, requires_grad,
+    training flag, device, dtype and hooks; only their forward changes. Returns
+    ``model`` (deepcopy first to keep the original). torch.nn.SyncBatchNorm and
+    uninitialized lazy BatchNorm modules are left as they are, with a warning.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.SyncBatchNorm):
+            warnings.warn(f"convert_batchnorm: {name or 'model'} is a torch.nn.SyncBatchNorm; "
+                          f"tritonbn has no SyncBatchNorm yet, so it stays torch's", stacklevel=2)
+        elif isinstance(module, nn.modules.batchnorm._LazyNormBase):
+            warnings.warn(f"convert_batchnorm: {name or 'model'} is a lazy BatchNorm that has not "
+                          f"seen an input yet; run one forward pass first to convert it", stacklevel=2)
+    return _swap_classes(model, _TO_TRITON)
+
+
+def revert_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every tritonbn BatchNorm in ``model`` a torch.nn one again, in place
+    (e.g. before export). The inverse of convert_batchnorm."""
+    return _swap_classes(model, _TO_TORCH)
