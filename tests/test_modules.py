@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import tritonbn
+from models import SmallCNN
 
 PAIRS = [(nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3, 5)),
          (nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3)),
@@ -139,21 +140,6 @@ def test_module_errors(device):
         ours(torch.randn(1, 3, 1, 1, device=device))
     ours.eval()
     assert ours(torch.randn(1, 3, 1, 1, device=device)).shape == (1, 3, 1, 1)
-
-
-class SmallCNN(nn.Module):
-    """conv-bn-relu x3, pool, linear."""
-
-    def __init__(self):
-        super().__init__()
-        layers, channels = [], [3, 8, 16, 16]
-        for c_in, c_out in zip(channels, channels[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))
 
 
 def _train_twins(device, channels_last=False, autocast_dtype=None, steps=5):
