@@ -1,0 +1,54 @@
+"""Draw a benchmark CSV: fraction of copy bandwidth per shape, one line per
+provider, one panel per (mode, dtype, layout). Needs matplotlib.
+
+    python -m bench.plot bench/results/<gpu>.csv [--out plot.png]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def plot(csv_path: Path, out: Path | None = None) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.read_csv(csv_path)
+    # the newest measurement of each row
+    df = df.sort_values("timestamp").drop_duplicates(
+        ["device", "mode", "shape", "dtype", "layout", "provider"], keep="last")
+    panels = sorted(df.groupby(["mode", "dtype", "layout"]).groups)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (mode, dtype, layout) in zip(axes.flat, panels):
+        panel = df[(df["mode"] == mode) & (df.dtype == dtype) & (df.layout == layout)]
+        shapes = sorted(set(panel["shape"]), key=lambda s: math.prod(int(v) for v in s.split("x")))
+        for provider, group in panel.groupby("provider"):
+            by_shape = group.set_index("shape")["frac_copy"].reindex(shapes)
+            ax.plot(range(len(shapes)), by_shape.values, marker="o", label=provider)
+        ax.set_title(f"{mode} {dtype} {layout}", fontsize=10)
+        ax.set_xticks(range(len(shapes)), shapes, rotation=70, fontsize=6)
+        ax.set_ylabel("fraction of copy bandwidth")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{df.device.iloc[-1]}: bandwidth per shape (minimal-bytes model / copy)")
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    out = out or Path(csv_path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    print(plot(args.csv, args.out))

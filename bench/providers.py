@@ -1,0 +1,77 @@
+"""What is timed: one callable per (provider, mode) over prepared inputs.
+
+Providers: tritonbn; eager (torch.nn.functional.batch_norm, cuDNN or native as
+torch chooses); compile (torch.compile of the same function, Inductor,
+specialized to the shape). Modes: forward (training), backward (training,
+the backward alone), fwd_bwd, inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import tritonbn
+
+PROVIDERS = ("tritonbn", "eager", "compile")
+MODES = ("forward", "backward", "fwd_bwd", "inference")
+# tensor-sized passes of the minimal-bytes model (DESIGN.md), the same for every provider
+PASSES = {"forward": 3, "backward": 5, "fwd_bwd": 8, "inference": 2}
+EPS = 1e-5
+MOMENTUM = 0.1
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    grad_out: torch.Tensor
+
+    @classmethod
+    def make(cls, shape, dtype, channels_last: bool, device) -> "Inputs":
+        x = torch.randn(shape, device=device).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        C = shape[1]
+        # 16-bit activations come with float32 parameters, as under autocast
+        params = dict(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        return cls(x, torch.rand(C, **params) + 0.5, torch.randn(C, **params),
+                   torch.randn(C, **params), torch.rand(C, **params) + 0.5, torch.randn_like(x))
+
+
+def _batch_norm_fn(provider: str) -> Callable:
+    if provider == "tritonbn":
+        return tritonbn.batch_norm
+    if provider == "eager":
+        return F.batch_norm
+    if provider == "compile":
+        torch._dynamo.reset()  # a fresh, shape-specialized compilation per row
+        return torch.compile(F.batch_norm, dynamic=False, fullgraph=True)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def make_call(provider: str, mode: str, inputs: Inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A no-argument callable running `mode` once; it returns the outputs that
+    the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias)."""
+    bn = _batch_norm_fn(provider)
+    i = inputs
+    # running stats are copies: timing repeats must not drift the inputs of the check
+    running = i.running_mean.clone(), i.running_var.clone()
+    if mode in ("forward", "inference"):
+        training = mode == "forward"
+        return lambda: (bn(i.x, *running, i.weight, i.bias, training, MOMENTUM, EPS),)
+    leaves = [t.detach().clone().requires_grad_() for t in (i.x, i.weight, i.bias)]
+    if mode == "fwd_bwd":
+        def fwd_bwd():
+            y = bn(leaves[0], *running, leaves[1], leaves[2], True, MOMENTUM, EPS)
+            return (y.detach(), *torch.autograd.grad(y, leaves, i.grad_out))
+        return fwd_bwd
+    if mode == "backward":
+        y = bn(leaves[0], *running, leaves[1], leaves[2], True, MOMENTUM, EPS)
+        return lambda: torch.autograd.grad(y, leaves, i.grad_out, retain_graph=True)
+    raise ValueError(f"unknown mode {mode!r}")

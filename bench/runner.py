@@ -1,0 +1,234 @@
+"""The benchmark runner: check every row against the float64 reference, then
+time it, and append the rows to a long-format CSV.
+
+Timing on a GPU: triton.testing.do_bench, median of CUDA-event timings after
+warm-up, with the L2 cache flushed before every repetition so small shapes are
+not flattered. Bandwidth: the minimal-bytes model of DESIGN.md (PASSES tensor
+passes per mode, the same for every provider) over the median time, and as a
+fraction of a device-to-device copy of the same tensor timed in the same run.
+Without a GPU the kernels run on the Triton interpreter: those timings are
+wall-clock medians with no meaning for GPU speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.util
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import triton
+
+from . import providers
+from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call
+from .shapes import SUITES, suite
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "mode", "shape", "dtype",
+          "layout", "provider", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
+          "correct", "speedup_vs_eager", "speedup_vs_compile", "note"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# max |out - ref| / max(1, max |ref|) allowed, per dtype
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_module():
+    """tests/reference.py, the float64 reference the test suite uses."""
+    spec = importlib.util.spec_from_file_location("tritonbn_bench_reference", ROOT / "tests" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_outputs(mode: str, i: Inputs) -> tuple[torch.Tensor, ...]:
+    ref = _reference_module()
+    training = mode != "inference"
+    y = ref.reference_batch_norm(i.x, i.running_mean, i.running_var, i.weight, i.bias, training,
+                                 providers.MOMENTUM, providers.EPS)[0]
+    if mode in ("forward", "inference"):
+        return (y,)
+    grads = ref.reference_grads(i.x, i.weight, i.bias, i.grad_out, i.running_mean, i.running_var,
+                                True, providers.EPS)
+    return (y, *grads) if mode == "fwd_bwd" else grads
+
+
+def max_error(outputs, references) -> float:
+    return max(((o.double() - r).abs().max() / max(1.0, r.abs().max().item())).item()
+               for o, r in zip(outputs, references))
+
+
+def measure_ms(fn) -> float:
+    """Median milliseconds of fn()."""
+    if torch.cuda.is_available():
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "tritonbn", "bench"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "triton-interpreter-cpu"
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    """A bar redrawn in place on a terminal; one line per row in a log."""
+    width = 30
+    filled = width * done // max(total, 1)
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r{line:<100.100}" + ("\n" if done == total else ""))
+    else:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def bench_group(mode, shape, dtype_name, layout, provider_names, device, context) -> list[dict]:
+    """All providers of one (mode, shape, dtype, layout): check, then time."""
+    dtype = DTYPES[dtype_name]
+    inputs = Inputs.make(shape, dtype, layout == "channels_last", device)
+    references = reference_outputs(mode, inputs)
+    copy_dst = torch.empty_like(inputs.x)
+    copy_ms = measure_ms(lambda: copy_dst.copy_(inputs.x))
+    tensor_bytes = inputs.x.numel() * inputs.x.element_size()
+    copy_gbps = 2 * tensor_bytes / copy_ms / 1e6
+    rows = []
+    for provider in provider_names:
+        row = dict(context, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout,
+                   provider=provider, copy_gbps=copy_gbps, median_ms=math.nan, gbps=math.nan,
+                   frac_copy=math.nan, max_error=math.nan, correct=False, note="")
+        try:
+            call = make_call(provider, mode, inputs)
+            row["max_error"] = max_error(call(), references)
+            row["correct"] = row["max_error"] <= TOLERANCE[dtype]
+            if row["correct"]:  # a wrong result is not timed
+                row["median_ms"] = measure_ms(call)
+                row["gbps"] = PASSES[mode] * tensor_bytes / row["median_ms"] / 1e6
+                row["frac_copy"] = row["gbps"] / copy_gbps
+            else:
+                row["note"] = "wrong result: not timed"
+        except Exception as error:  # one failing provider must not end the run
+            row["note"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        rows.append(row)
+    times = {r["provider"]: r["median_ms"] for r in rows}
+    for row in rows:
+        row["speedup_vs_eager"] = times.get("eager", math.nan) / row["median_ms"]
+        row["speedup_vs_compile"] = times.get("compile", math.nan) / row["median_ms"]
+    return rows
+
+
+def plan_rows(args) -> list[tuple]:
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
+        [s for name in args.suite for s in suite(name, args.batches)]
+    groups = []
+    for shape in dict.fromkeys(shapes):
+        layouts = [layout for layout in args.layouts if layout == "contiguous" or len(shape) in (4, 5)]
+        for mode in args.modes:
+            for dtype in args.dtypes:
+                for layout in layouts:
+                    groups.append((mode, shape, dtype, layout))
+    return groups
+
+
+def summarize(df: pd.DataFrame) -> str:
+    ours = df[(df.provider == "tritonbn") & df.correct]
+    lines = []
+    if len(ours):
+        geomean = ours.groupby(["mode", "dtype", "layout"])[["speedup_vs_eager", "speedup_vs_compile"]].agg(
+            lambda s: math.exp(s.dropna().map(math.log).mean()) if s.notna().any() else math.nan)
+        lines += ["geometric-mean speedup of tritonbn:", geomean.round(3).to_string(), ""]
+    bandwidth = df[df.correct].pivot_table(index="mode", columns="provider", values="frac_copy",
+                                           aggfunc="median")
+    lines += ["median fraction of copy bandwidth:", bandwidth.round(3).to_string(), ""]
+    wrong = df[~df.correct]
+    lines.append(f"{len(df)} rows, {len(wrong)} not correct or failed"
+                 + ("" if wrong.empty else ":\n" + wrong[["mode", "shape", "dtype", "layout", "provider",
+                                                            "max_error", "note"]].to_string()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", nargs="+", choices=SUITES,
+                        default=["resnet50", "mlp", "video"] if gpu else ["tiny"],
+                        help="shape sets (default: resnet50 mlp video on a GPU, tiny on the interpreter)")
+    parser.add_argument("--quick", action="store_true", help="the 'quick' suite, fp16 and fp32 only")
+    parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")), default=(32, 64, 256),
+                        help="batch sizes of the resnet50 suite (default 32,64,256)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
+                        default=["contiguous", "channels_last"],
+                        help="channels_last applies to 4-D and 5-D shapes")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / ("results" if gpu else "out"),
+                        help="folder of the CSV (default bench/results on a GPU, bench/out otherwise)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.suite, args.dtypes = ["quick"], [d for d in args.dtypes if d in ("fp16", "fp32")]
+    return args
+
+
+def run(argv=None) -> pd.DataFrame:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from tritonbn import kernels
+        if not kernels.INTERPRETED:
+            raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (python -m bench sets it when run directly)")
+        print("tritonbn bench: NO GPU - kernels run on the Triton interpreter on the CPU. The timings are "
+              "interpreter wall-clock and say nothing about GPU speed; the run checks correctness.",
+              flush=True)
+    else:
+        print(f"tritonbn bench: real GPU run on {device_name()} (CUDA-event medians, L2 flushed)", flush=True)
+    context = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   device=device_name(), gpu_run=device == "cuda", torch=torch.__version__,
+                   triton=triton.__version__, commit=_commit())
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / (re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-") + ".csv")
+    groups = plan_rows(args)
+    rows = []
+    for done, (mode, shape, dtype, layout) in enumerate(groups):
+        _progress(done, len(groups), f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
+        new = bench_group(mode, shape, dtype, layout, args.providers, device, context)
+        pd.DataFrame(new, columns=SCHEMA).to_csv(csv_path, mode="a", header=not csv_path.exists(),
+                                                 index=False)
+        rows += new
+    _progress(len(groups), len(groups), "done")
+    df = pd.DataFrame(rows, columns=SCHEMA)
+    print(summarize(df))
+    print(f"rows appended to {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}")
+    if not args.no_plot:
+        from .plot import plot
+        try:
+            print(f"plot: {plot(csv_path)}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib; "
+                  f"then python -m bench.plot {csv_path})")
+    return df

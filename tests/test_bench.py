@@ -1,0 +1,50 @@
+"""The benchmark harness on one tiny shape: schema, correctness column, and
+that a wrong result is flagged and never timed."""
+import pandas as pd
+import torch
+
+from bench import providers, runner
+
+
+def _run(tmp_path, *extra):
+    runner.run(["--shape", "4,3,5,5", "--dtypes", "fp32", "--out", str(tmp_path), "--no-plot", *extra])
+    (csv,) = tmp_path.glob("*.csv")
+    return pd.read_csv(csv)
+
+
+def test_harness_rows_schema_and_correctness(tmp_path):
+    df = _run(tmp_path)
+    assert list(df.columns) == runner.SCHEMA
+    assert set(df.provider) == set(providers.PROVIDERS)
+    assert set(df["mode"]) == set(providers.MODES)
+    assert set(df.layout) == {"contiguous", "channels_last"}
+    assert len(df) == len(providers.PROVIDERS) * len(providers.MODES) * 2
+    assert df.correct.all(), df[~df.correct]
+    assert (df.max_error < runner.TOLERANCE[torch.float32]).all()
+    assert (df.median_ms > 0).all() and (df.gbps > 0).all() and (df.copy_gbps > 0).all()
+    assert df.gpu_run.eq(torch.cuda.is_available()).all()
+    eager = df[df.provider == "eager"]
+    assert (eager.speedup_vs_eager == 1.0).all()
+    ours = df[df.provider == "tritonbn"].set_index(["mode", "layout"])
+    theirs = df[df.provider == "eager"].set_index(["mode", "layout"])
+    assert (ours.speedup_vs_eager - theirs.median_ms / ours.median_ms).abs().max() < 1e-9
+
+
+def test_csv_is_appended_to(tmp_path):
+    _run(tmp_path, "--modes", "inference", "--providers", "tritonbn")
+    df = _run(tmp_path, "--modes", "inference", "--providers", "tritonbn")
+    assert len(df) == 4  # two runs x two layouts
+
+
+def test_wrong_result_is_flagged_and_not_timed(tmp_path, monkeypatch):
+    original = providers._batch_norm_fn
+
+    def broken(provider):
+        fn = original(provider)
+        return (lambda *args: fn(*args) * 1.01) if provider == "tritonbn" else fn
+    monkeypatch.setattr(providers, "_batch_norm_fn", broken)
+    df = _run(tmp_path, "--modes", "forward", "--providers", "tritonbn", "eager")
+    ours = df[df.provider == "tritonbn"]
+    assert not ours.correct.any() and ours.median_ms.isna().all()
+    assert (ours.note == "wrong result: not timed").all()
+    assert df[df.provider == "eager"].correct.all()
