@@ -29,7 +29,8 @@ import triton
 
 from . import providers
 from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call
-from .shapes import SUITES, suite
+from tritonbn.autotune.shapes import SUITES, suite
+from tritonbn.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "mode", "shape", "dtype",
@@ -92,18 +93,6 @@ def _commit() -> str:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "triton-interpreter-cpu"
-
-
-def _progress(done: int, total: int, label: str) -> None:
-    """A bar redrawn in place on a terminal; one line per row in a log."""
-    width = 30
-    filled = width * done // max(total, 1)
-    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r{line:<100.100}" + ("\n" if done == total else ""))
-    else:
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def bench_group(mode, shape, dtype_name, layout, provider_names, device, context) -> list[dict]:
@@ -215,12 +204,12 @@ def run(argv=None) -> pd.DataFrame:
     groups = plan_rows(args)
     rows = []
     for done, (mode, shape, dtype, layout) in enumerate(groups):
-        _progress(done, len(groups), f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
+        progress(done, len(groups), f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
         new = bench_group(mode, shape, dtype, layout, args.providers, device, context)
         pd.DataFrame(new, columns=SCHEMA).to_csv(csv_path, mode="a", header=not csv_path.exists(),
                                                  index=False)
         rows += new
-    _progress(len(groups), len(groups), "done")
+    progress(len(groups), len(groups), "done")
     df = pd.DataFrame(rows, columns=SCHEMA)
     print(summarize(df))
     print(f"rows appended to {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}")

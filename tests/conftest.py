@@ -2,11 +2,14 @@
 through the Triton interpreter. The variable must be set before tritonbn's
 kernels are decorated, i.e. before anything imports tritonbn."""
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# never read or write the user's autotune cache from the tests
+os.environ["TRITONBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritonbn-test-cache-")
 
 import pytest  # noqa: E402
 

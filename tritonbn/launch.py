@@ -19,6 +19,7 @@ non-empty input.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from . import kernels
-from .autotune import LaunchConfig, Problem, choose_config
+from .autotune import LaunchConfig, Problem, Trial, choose_config
 
 _ACC = {torch.float64: tl.float64}
 _INT32_MAX = 2**31 - 1
@@ -116,10 +117,12 @@ def _hi_lo(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _config(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None) -> LaunchConfig:
+def _config(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None,
+            trial: Trial) -> LaunchConfig:
+    """The given config (validated), or the one the autotune layer chooses."""
     problem = Problem(op, view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
     if config is None:
-        return choose_config(problem)
+        return choose_config(problem, trial)
     config.validate(problem)
     return config
 
@@ -156,7 +159,20 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     read on the device. Returns (y, save_mean, save_invstd).
     """
     x, view, fmt = plan(x)
-    cfg = _config("forward", view, x, config)
+    launch = functools.partial(_launch_forward, x, view, fmt, weight, bias,
+                               num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps)
+
+    @functools.cache
+    def scratch_running_stats():
+        return [None if t is None else t.clone() for t in (running_mean, running_var)]
+
+    # a tuning candidate updates scratch copies, never the caller's running stats
+    cfg = _config("forward", view, x, config, lambda c: launch(c, *scratch_running_stats()))
+    return launch(cfg, running_mean, running_var)
+
+
+def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running_mean, running_var,
+                    *, num_batches_tracked, momentum, eps):
     y = torch.empty_like(x, memory_format=fmt)
     acc = acc_dtype(x.dtype)
     save_mean = torch.empty(view.C, dtype=acc, device=x.device)
@@ -199,7 +215,13 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
     with mean = running_mean and invstd = 1 / sqrt(running_var + eps) in the
     statistics dtype, for the eval-mode backward."""
     x, view, fmt = plan(x)
-    cfg = _config("inference", view, x, config)
+    launch = functools.partial(_launch_inference, x, view, fmt, weight, bias, running_mean,
+                               running_var, eps)
+    return launch(_config("inference", view, x, config, launch))
+
+
+def _launch_inference(x, view: View, fmt, weight, bias, running_mean, running_var, eps,
+                      cfg: LaunchConfig):
     y = torch.empty_like(x, memory_format=fmt)
     acc = acc_dtype(x.dtype)
     save_mean = torch.empty(view.C, dtype=acc, device=x.device)
@@ -227,8 +249,16 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     if not (need_dx or need_dw or need_db):
         return None, None, None
     x, view, fmt = plan(x)
-    cfg = _config("backward", view, x, config)
     grad_out, g_strides = conform(grad_out, view, fmt)
+    launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, weight,
+                               save_mean, save_invstd, training, (need_dx, need_dw, need_db),
+                               bias_dtype)
+    return launch(_config("backward", view, x, config, launch))
+
+
+def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean, save_invstd,
+                     training, output_mask, bias_dtype, cfg: LaunchConfig):
+    need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
     dw = torch.empty(view.C, dtype=weight.dtype, device=x.device) if need_dw else None
     db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None

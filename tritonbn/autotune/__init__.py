@@ -1,7 +1,8 @@
 """Choice of launch settings: the one place a LaunchConfig comes from.
 
-Order: a config forced with ``override`` (tests, experiments), then the plain
-heuristic (tritonbn.autotune.config).
+Order: a config forced with ``override`` (tests, experiments); then the tuner
+(tritonbn.autotune.tuner: the persistent cache, or tuning on first sight of a
+shape on CUDA); otherwise the plain heuristic (tritonbn.autotune.config).
 """
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import contextlib
 import contextvars
 from typing import Iterator
 
-from .config import LaunchConfig, Problem, heuristic
+from .cache import Cache
+from .config import LaunchConfig, Problem, candidates, heuristic
+from .tuner import Trial, Tuner
 
-__all__ = ["LaunchConfig", "Problem", "choose_config", "heuristic", "override"]
+__all__ = ["Cache", "LaunchConfig", "Problem", "Tuner", "candidates", "choose_config", "get_tuner",
+           "heuristic", "override", "use_tuner"]
 
 _forced: contextvars.ContextVar[dict] = contextvars.ContextVar("tritonbn_forced_configs", default={})
+_tuner: Tuner | None = None
 
 
 @contextlib.contextmanager
@@ -31,9 +36,30 @@ def override(**configs: LaunchConfig) -> Iterator[None]:
         _forced.reset(token)
 
 
-def choose_config(problem: Problem) -> LaunchConfig:
+def get_tuner() -> Tuner:
+    """The process-wide tuner (created on first use: the cache is read lazily)."""
+    global _tuner
+    if _tuner is None:
+        _tuner = Tuner()
+    return _tuner
+
+
+@contextlib.contextmanager
+def use_tuner(tuner: Tuner) -> Iterator[Tuner]:
+    """Use another tuner (its own cache folder, an injected timer) inside the block."""
+    global _tuner
+    previous, _tuner = _tuner, tuner
+    try:
+        yield tuner
+    finally:
+        _tuner = previous
+
+
+def choose_config(problem: Problem, trial: Trial | None = None) -> LaunchConfig:
+    """The config to launch `problem` with. `trial(config)` runs the op with a
+    candidate config without touching the caller's tensors; the tuner uses it."""
     forced = _forced.get().get(problem.op)
     if forced is not None:
         forced.validate(problem)
         return forced
-    return heuristic(problem)
+    return get_tuner().choose(problem, trial)

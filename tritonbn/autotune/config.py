@@ -7,6 +7,7 @@ reasonable config; the tuner (tritonbn.autotune.tuner) only improves on it.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import asdict, dataclass
 
@@ -28,6 +29,9 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_TILE = 16384
 INTERPRETER_RESIDENT_LIMIT = 65536
 MAX_SPLITS = 1024
+# What one thread may hold of a tile (registers): resident backward tiles hold
+# two tensors, so half of it.
+MAX_ELEMENTS_PER_THREAD = 64
 
 
 @dataclass(frozen=True)
@@ -172,3 +176,31 @@ def heuristic(problem: Problem) -> LaunchConfig:
                 triton.cdiv(problem.C, resident.block_c) >= sms or numel <= (1 << 20)):
             return resident
     return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)
+
+
+def _fits(config: LaunchConfig, op: str) -> bool:
+    """Whether one program of this config stays within a thread block's limits."""
+    tile = config.block_n * config.block_c * config.block_s
+    per_thread = tile / (32 * config.num_warps)
+    limit = MAX_ELEMENTS_PER_THREAD // (2 if op == "backward" and config.regime == "resident" else 1)
+    return config.num_warps <= 32 and per_thread <= limit
+
+
+def candidates(problem: Problem) -> list[LaunchConfig]:
+    """The tuner's search space, the heuristic's choice first: the resident
+    regime at several register budgets where a channel block fits, and split
+    grids of small and large tiles filling the GPU 2 or 8 programs deep, each
+    with two warp counts. Deduplicated and filtered by _fits."""
+    sms = _sm_count(problem.device.type, problem.device.index)
+    found = [heuristic(problem)]
+    if problem.op != "inference":
+        for limit in (2048, 4096, 8192, 16384):
+            resident = _resident(problem, limit)
+            if resident is not None:
+                found += [dataclasses.replace(resident, num_warps=w) for w in (4, 8, 16)]
+    for tile in (1024, 4096):
+        for per_sm in (2, 8):
+            split = _split(problem, tile, per_sm * sms)
+            found += [dataclasses.replace(split, num_warps=w) for w in (4, 8)]
+    unique = list(dict.fromkeys(found))
+    return [unique[0]] + [c for c in unique[1:] if _fits(c, problem.op)]

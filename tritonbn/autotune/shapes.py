@@ -1,4 +1,5 @@
-"""Shape sets of the benchmark (the reference shapes of ../shared/DESIGN.md)."""
+"""Reference shape sets, (N, C, *spatial): what the benchmark measures and
+`python -m tritonbn.autotune` pre-tunes (the reference shapes of DESIGN.md)."""
 from __future__ import annotations
 
 # ResNet-50 training BN layers as (C, H=W)
