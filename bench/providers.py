@@ -39,7 +39,8 @@ class Inputs:
             x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         C = shape[1]
         # 16-bit activations come with float32 parameters, as under autocast
-        params = dict(device=device, dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+        half = dtype in (torch.float16, torch.bfloat16)
+        params = dict(device=device, dtype=torch.float32 if half else dtype)
         return cls(x, torch.rand(C, **params) + 0.5, torch.randn(C, **params),
                    torch.randn(C, **params), torch.rand(C, **params) + 0.5, torch.randn_like(x))
 

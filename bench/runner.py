@@ -19,7 +19,6 @@ import math
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -167,8 +166,8 @@ def parse_args(argv=None):
                         help="shape sets (default: resnet50 mlp video on a GPU, tiny on the interpreter)")
     parser.add_argument("--quick", action="store_true", help="the 'quick' suite, fp16 and fp32 only")
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
-    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")), default=(32, 64, 256),
-                        help="batch sizes of the resnet50 suite (default 32,64,256)")
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        default=(32, 64, 256), help="batch sizes of the resnet50 suite (default 32,64,256)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"],
@@ -190,7 +189,8 @@ def run(argv=None) -> pd.DataFrame:
     if device == "cpu":
         from tritonbn import kernels
         if not kernels.INTERPRETED:
-            raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (python -m bench sets it when run directly)")
+            raise SystemExit("no GPU: set TRITON_INTERPRET=1 before tritonbn is imported "
+                             "(python -m bench does)")
         print("tritonbn bench: NO GPU - kernels run on the Triton interpreter on the CPU. The timings are "
               "interpreter wall-clock and say nothing about GPU speed; the run checks correctness.",
               flush=True)

@@ -279,9 +279,9 @@ def test_no_tuning_on_the_interpreter_by_default(tmp_path):
 
 def test_cli_list_and_dry_run(tmp_path):
     path = tmp_path / "autotune.json"
-    Cache(path, shipped=False).put("some-gpu|sm_90|triton-x|kernels-y", "forward|float16|channel_inner|32x64x3136",
-                                   {"config": LaunchConfig("split", 4, 32, 16, 8, 1, 8).to_dict(),
-                                    "ms": 0.5, "heuristic_ms": 0.6})
+    Cache(path, shipped=False).put(
+        "some-gpu|sm_90|triton-x|kernels-y", "forward|float16|channel_inner|32x64x3136",
+        {"config": LaunchConfig("split", 4, 32, 16, 8, 1, 8).to_dict(), "ms": 0.5, "heuristic_ms": 0.6})
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     listed = subprocess.run([sys.executable, "-m", "tritonbn.autotune", "--list", "--output", str(path)],
                             env=env, capture_output=True, text=True, timeout=120)

@@ -64,7 +64,8 @@ def test_integer_input(device):
 def test_dtype_mismatch(device, input_dtype, param_dtype):
     running_mean, running_var = _buffers(device, dtype=param_dtype)
     x = torch.randn(4, 3, device=device).to(input_dtype)
-    with pytest.raises(RuntimeError, match=rf"dtype mismatch: input is {input_dtype}.*running_mean={param_dtype}"):
+    message = rf"dtype mismatch: input is {input_dtype}.*running_mean={param_dtype}"
+    with pytest.raises(RuntimeError, match=message):
         tritonbn.batch_norm(x, running_mean, running_var, training=True)
     _assert_untouched(running_mean, running_var)
 

@@ -95,7 +95,8 @@ def plan(x: torch.Tensor) -> tuple[torch.Tensor, View, torch.memory_format]:
     return x, view, fmt
 
 
-def conform(t: torch.Tensor, view: View, fmt: torch.memory_format) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def conform(t: torch.Tensor, view: View,
+            fmt: torch.memory_format) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """t (an input of the same shape) with strides that fit `view`, copied if needed."""
     strides = _strides(t, view)
     if strides is None:

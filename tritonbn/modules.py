@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import warnings
 
-import torch
 from torch import Tensor, nn
 
 from .functional import batch_norm_tracked

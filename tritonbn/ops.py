@@ -106,6 +106,16 @@ def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bi
     return dx, dw, db
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "tritonbn: double backward (a gradient of batch_norm's gradient, e.g. with "
+        "create_graph=True) is not supported; use torch.nn.functional.batch_norm for it")
+
+
+torch.library.register_autograd("tritonbn::batch_norm_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Forward and backward ops tied for autograd; saves only (x, weight,
     save_mean, save_invstd) and routes gradients to what requires them."""

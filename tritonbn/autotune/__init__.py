@@ -17,7 +17,8 @@ from .tuner import Trial, Tuner
 __all__ = ["Cache", "LaunchConfig", "Problem", "Tuner", "candidates", "choose_config", "get_tuner",
            "heuristic", "override", "use_tuner"]
 
-_forced: contextvars.ContextVar[dict] = contextvars.ContextVar("tritonbn_forced_configs", default={})
+_forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonbn_forced_configs",
+                                                                     default=None)
 _tuner: Tuner | None = None
 
 
@@ -29,7 +30,7 @@ def override(**configs: LaunchConfig) -> Iterator[None]:
     unknown = set(configs) - {"forward", "backward", "inference"}
     if unknown:
         raise ValueError(f"unknown op(s) {sorted(unknown)}; expected forward, backward, inference")
-    token = _forced.set({**_forced.get(), **configs})
+    token = _forced.set({**(_forced.get() or {}), **configs})
     try:
         yield
     finally:
@@ -58,7 +59,7 @@ def use_tuner(tuner: Tuner) -> Iterator[Tuner]:
 def choose_config(problem: Problem, trial: Trial | None = None) -> LaunchConfig:
     """The config to launch `problem` with. `trial(config)` runs the op with a
     candidate config without touching the caller's tensors; the tuner uses it."""
-    forced = _forced.get().get(problem.op)
+    forced = (_forced.get() or {}).get(problem.op)
     if forced is not None:
         forced.validate(problem)
         return forced

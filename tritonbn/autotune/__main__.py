@@ -52,7 +52,8 @@ def _inputs(shape, dtype, layout):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     params = dict(device="cuda", dtype=torch.float32 if dtype != torch.float64 else dtype)
     C = shape[1]
-    return x, torch.ones(C, **params), torch.zeros(C, **params), torch.zeros(C, **params), torch.ones(C, **params)
+    return (x, torch.ones(C, **params), torch.zeros(C, **params), torch.zeros(C, **params),
+            torch.ones(C, **params))
 
 
 def pretune_one(op, shape, dtype, layout) -> None:
