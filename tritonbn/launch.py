@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
-import triton
 import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from . import kernels
 from .autotune import LaunchConfig, Problem, Trial, choose_config
+from .autotune.config import cdiv, next_power_of_2
 
 _ACC = {torch.float64: tl.float64}
 _INT32_MAX = 2**31 - 1
@@ -111,11 +112,19 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
+def _to_float32(value: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: what a float32 cast gives
+        return math.copysign(math.inf, value)
+
+
+@functools.lru_cache(maxsize=64)
 def _hi_lo(value: float) -> tuple[float, float]:
     """value as two float32 halves: Triton passes Python floats as fp32, and
     float64 inputs need momentum and eps to ~48 bits."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = _to_float32(value)
+    return hi, _to_float32(value - hi)
 
 
 def _config(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None,
@@ -130,10 +139,10 @@ def _config(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None,
 
 def _grid_split(view: View, cfg: LaunchConfig) -> tuple[tuple[int, int, int], int, int]:
     """Grid and the per-program share (whole tiles) along N and along S."""
-    n_per_split = triton.cdiv(triton.cdiv(view.N, cfg.block_n), cfg.split_n) * cfg.block_n
-    s_per_split = triton.cdiv(triton.cdiv(view.S, cfg.block_s), cfg.split_s) * cfg.block_s
-    grid = (triton.cdiv(view.C, cfg.block_c), triton.cdiv(view.N, n_per_split),
-            triton.cdiv(view.S, s_per_split))
+    n_per_split = cdiv(cdiv(view.N, cfg.block_n), cfg.split_n) * cfg.block_n
+    s_per_split = cdiv(cdiv(view.S, cfg.block_s), cfg.split_s) * cfg.block_s
+    grid = (cdiv(view.C, cfg.block_c), cdiv(view.N, n_per_split),
+            cdiv(view.S, s_per_split))
     return grid, n_per_split, s_per_split
 
 
@@ -143,7 +152,7 @@ MERGE_TILE = 4096
 
 def _split_block(num_splits: int, block_c: int) -> int:
     """Partials merged per step: all of them, up to a MERGE_TILE-element tile."""
-    return min(triton.next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
+    return min(next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
 
 
 def _meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor) -> dict:
@@ -195,7 +204,7 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
         **_meta(view, cfg, x, y),
     )
     if cfg.regime == "resident":
-        kernels.bn_fwd_resident_kernel[(triton.cdiv(view.C, cfg.block_c),)](x, y, **args)
+        kernels.bn_fwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, y, **args)
         return y, save_mean, save_invstd
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
@@ -276,7 +285,7 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
         **_meta(view, cfg, x, grad_out, dx_),
     )
     if cfg.regime == "resident":
-        kernels.bn_bwd_resident_kernel[(triton.cdiv(view.C, cfg.block_c),)](x, grad_out, dx_, **args)
+        kernels.bn_bwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, grad_out, dx_, **args)
         return dx, dw, db
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)

@@ -6,6 +6,9 @@ running_var, so torch.compile sees the buffer update instead of losing it.
 Each op has a fake implementation (shapes, dtypes, strides only), so
 torch.compile(fullgraph=True) traces through without a graph break.
 
+In plain eager mode BatchNormFunction calls the ops' implementations directly
+(see _plain_eager); tracing, dispatch modes and tensor subclasses get the ops.
+
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them when the
 Triton interpreter is on (TRITON_INTERPRET=1 before tritonbn is imported) and
 otherwise run PyTorch's own batch_norm (tritonbn.fallback); other devices run
@@ -17,6 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import fallback, kernels, launch
 from .checks import check_inputs
@@ -33,8 +37,8 @@ def _empty_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     return input.new_zeros((channels,), dtype=acc), input.new_zeros((channels,), dtype=acc)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_forward", mutates_args=("running_mean", "running_var"))
-def batch_norm_forward(
+def _forward(
+
     input: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -60,6 +64,10 @@ def batch_norm_forward(
     return impl.forward_inference(input, weight, bias, running_mean, running_var, eps)
 
 
+batch_norm_forward = torch.library.custom_op(
+    "tritonbn::batch_norm_forward", _forward, mutates_args=("running_mean", "running_var"))
+
+
 @batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
     check_inputs(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum)
@@ -68,8 +76,8 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, train
     return y, input.new_empty((input.shape[1],), dtype=acc), input.new_empty((input.shape[1],), dtype=acc)
 
 
-@torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=())
-def batch_norm_backward(
+def _backward(
+
     grad_out: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
@@ -95,6 +103,10 @@ def batch_norm_backward(
             placeholder.clone() if db is None else db)
 
 
+batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _backward,
+                                             mutates_args=())
+
+
 @batch_norm_backward.register_fake
 def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype):
     need_dx, need_dw, need_db = output_mask
@@ -116,6 +128,29 @@ torch.library.register_autograd("tritonbn::batch_norm_backward", _no_double_back
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(*tensors: Tensor | None) -> bool:
+    """Plain eager execution: no torch.compile / export / jit tracing, no
+    dispatch mode (FakeTensorMode, FlopCounterMode, ...), no functorch
+    transform, no tensor subclass. There the ops' Python implementations are
+    called directly, skipping ~50 us of custom-op dispatch per call; anywhere
+    else the registered ops run, so tracers see them."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and _get_current_dispatch_mode() is None
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+
+
+def _mark_updated(*tensors: Tensor | None) -> None:
+    """Bump the version counters of buffers written in place, as the op's
+    declared mutation does, so autograd still detects a stale saved tensor."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Forward and backward ops tied for autograd; saves only (x, weight,
     save_mean, save_invstd) and routes gradients to what requires them."""
@@ -123,9 +158,14 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps):
-        y, save_mean, save_invstd = torch.ops.tritonbn.batch_norm_forward(
-            input, weight, bias, running_mean, running_var, num_batches_tracked,
-            training, momentum, eps)
+        args = (input, weight, bias, running_mean, running_var, num_batches_tracked,
+                training, momentum, eps)
+        if _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
+            y, save_mean, save_invstd = _forward(*args)
+            if training:
+                _mark_updated(running_mean, running_var)
+        else:
+            y, save_mean, save_invstd = torch.ops.tritonbn.batch_norm_forward(*args)
         ctx.save_for_backward(input, weight, save_mean, save_invstd)
         ctx.training = training
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -137,7 +177,9 @@ class BatchNormFunction(torch.autograd.Function):
         mask = [bool(m) for m in ctx.needs_input_grad[:3]]
         grads = (None, None, None)
         if any(mask):
-            dx, dw, db = torch.ops.tritonbn.batch_norm_backward(
-                grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype)
+            args = (grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype)
+            # create_graph=True (grad mode on) takes the op, whose autograd refuses double backward
+            direct = not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight)
+            dx, dw, db = (_backward if direct else torch.ops.tritonbn.batch_norm_backward)(*args)
             grads = tuple(g if m else None for g, m in zip((dx, dw, db), mask))
         return (*grads, None, None, None, None, None, None)

@@ -12,7 +12,6 @@ import functools
 from dataclasses import asdict, dataclass
 
 import torch
-import triton
 
 OPS = ("forward", "backward", "inference")
 REGIMES = ("resident", "split")
@@ -96,8 +95,14 @@ class LaunchConfig:
                     f"N={problem.N}, S={problem.S}")
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2
+# carry a few microseconds of wrapper overhead each, on every launch.
 def next_power_of_2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,9 +156,9 @@ def _resident(problem: Problem, limit: int) -> LaunchConfig | None:
 
 def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
     block_n, block_c, block_s = _blocks(problem, tile)
-    channel_blocks = triton.cdiv(problem.C, block_c)
-    tiles_n = triton.cdiv(problem.N, block_n)
-    tiles_s = triton.cdiv(problem.S, block_s)
+    channel_blocks = cdiv(problem.C, block_c)
+    tiles_n = cdiv(problem.N, block_n)
+    tiles_s = cdiv(problem.S, block_s)
     want = min(MAX_SPLITS, max(1, target_programs // channel_blocks))
     split_n = min(tiles_n, want)
     split_s = min(tiles_s, max(1, want // split_n))
@@ -173,7 +178,7 @@ def heuristic(problem: Problem) -> LaunchConfig:
         # or when the whole problem is small enough that launches dominate
         numel = problem.N * problem.C * problem.S
         if resident is not None and (
-                triton.cdiv(problem.C, resident.block_c) >= sms or numel <= (1 << 20)):
+                cdiv(problem.C, resident.block_c) >= sms or numel <= (1 << 20)):
             return resident
     return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)
 
