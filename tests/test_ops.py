@@ -92,3 +92,42 @@ def test_cpu_fallback_without_interpreter():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fallback ok" in result.stdout
+
+
+def test_direct_eager_path_and_registered_op_agree(device):
+    """Plain eager calls the implementation directly; under a dispatch mode the
+    registered ops run. Same outputs, gradients and running stats either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 3, 5, device=device)
+    results = []
+    for mode in (None, OpLog()):
+        xr = x.clone().requires_grad_()
+        running = torch.zeros(3, device=device), torch.ones(3, device=device)
+        if mode is None:
+            y = tritonbn.batch_norm(xr, *running, training=True)
+            y.backward(torch.ones_like(y) + x)
+        else:
+            with mode:
+                y = tritonbn.batch_norm(xr, *running, training=True)
+                y.backward(torch.ones_like(y) + x)
+            assert {"tritonbn.batch_norm_forward.default", "tritonbn.batch_norm_backward.default"} <= mode.names
+        results.append((y.detach(), xr.grad, *running))
+    for direct, via_op in zip(*results):
+        assert torch.equal(direct, via_op)
+
+
+def test_running_stats_version_counters_are_bumped(device):
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    versions = running_mean._version, running_var._version
+    tritonbn.batch_norm(torch.randn(4, 3, device=device), running_mean, running_var, training=True)
+    assert running_mean._version > versions[0] and running_var._version > versions[1]
