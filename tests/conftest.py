@@ -8,8 +8,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# never read or write the user's autotune cache from the tests
+# never read or write the user's autotune cache from the tests, and test the
+# heuristic's configs (tests/test_autotune.py turns tuning on where it tests it)
 os.environ["TRITONBN_CACHE_DIR"] = tempfile.mkdtemp(prefix="tritonbn-test-cache-")
+os.environ["TRITONBN_AUTOTUNE"] = "0"
 
 import pytest  # noqa: E402
 

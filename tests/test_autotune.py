@@ -20,6 +20,11 @@ from tritonbn.autotune.tuner import ENV_AUTOTUNE, device_context, problem_key
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _tuning_on(monkeypatch):
+    monkeypatch.setenv(ENV_AUTOTUNE, "1")  # conftest turns it off for the rest of the suite
+
+
 class FakeTimer:
     """Costs by position in one problem's candidate list, the last candidate
     fastest (20 ms for configs of other problems). Runs fn once, as a real
@@ -291,3 +296,24 @@ def test_cli_list_and_dry_run(tmp_path):
                           "--dtypes", "fp16"], env=env, capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert len(dry.stdout.strip().splitlines()) == 3 * 2  # 3 ops x 2 layouts
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-event timing needs a GPU")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_real_tuning_on_cuda(tmp_path, channels_last):
+    """Tuning with CUDA events: an entry is stored, and the tuned call equals
+    an untuned one with the winning config, running stats included."""
+    x = torch.randn(16, 32, 28, 28, device="cuda", dtype=torch.float16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    tuner = Tuner(Cache(tmp_path / "autotune.json", shipped=False))
+    stats = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    with use_tuner(tuner):
+        y = tritonbn.batch_norm(x, *stats, training=True)
+    entry = _entry(tuner, x)
+    assert entry is not None and entry["ms"] > 0 and entry["ms"] <= entry["heuristic_ms"]
+    plain = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    with override(forward=LaunchConfig.from_dict(entry["config"])):
+        assert torch.equal(tritonbn.batch_norm(x, *plain, training=True), y)
+    assert torch.equal(stats[0], plain[0]) and torch.equal(stats[1], plain[1])
