@@ -208,3 +208,24 @@ def test_double_backward_is_refused_clearly(device):
     (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward .* is not supported"):
         grad.sum().backward()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(16, 32, 16, 16), (512, 64), (4, 16, 4, 8, 8)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regime", ["heuristic", "split"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_larger_shapes(device, shape, dtype, regime, channels_last):
+    """Larger inputs (thousands of interpreter programs in the split regime):
+    run on purpose with -m slow."""
+    x = torch.randn(shape, device=device).to(dtype)
+    if channels_last:
+        x = _channels_last(x)
+    config = split(block_n=4, block_c=8, block_s=32, split_n=3, split_s=2)
+    if regime == "heuristic":
+        _check_against_torch(x, dtype, True)
+        _check_against_torch(x, dtype, False)
+    else:
+        with override(forward=config, backward=config, inference=config):
+            _check_against_torch(x, dtype, True)
+            _check_against_torch(x, dtype, False)

@@ -67,7 +67,6 @@ def test_gradcheck_full_mode(device, training):
         assert torch.autograd.gradcheck(_fn(training, running, True), inputs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 3, 2, 3, 4)])
 def test_gradcheck_full_mode_larger(device, shape):
     inputs = _inputs(shape, device, channels_last=True, affine=True)
