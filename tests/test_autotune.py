@@ -68,6 +68,20 @@ def test_candidate_space_starts_with_the_heuristic_and_has_both_regimes(device):
     assert all(c.regime == "split" for c in candidates(_problem("inference", x)))
 
 
+def test_candidates_respect_thread_and_register_limits(monkeypatch):
+    from tritonbn.autotune import config
+    problem = Problem("backward", 256, 64, 1, True, torch.float32, torch.device("cpu"))
+    for warp in (32, 64):
+        monkeypatch.setattr(config, "_warp_size", lambda *args, warp=warp: warp)
+        for c in candidates(problem)[1:]:
+            per_thread = c.block_n * c.block_c * c.block_s / (c.num_warps * warp)
+            assert c.num_warps * warp <= 1024
+            assert per_thread <= config.MAX_ELEMENTS_PER_THREAD / (2 if c.regime == "resident" else 1)
+    # 32 warps of 64 lanes: 2048 threads, more than a block may have
+    assert not config._fits(LaunchConfig("split", 64, 32, 1, num_warps=32),
+                            Problem("forward", 64, 32, 1, True, torch.float32, torch.device("cpu")))
+
+
 def test_fastest_config_wins_and_is_used(device, tmp_path):
     x = _x(device)
     tuner, timer = _tuner(tmp_path, x)

@@ -112,6 +112,15 @@ def _sm_count(device_type: str, index: int | None) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=None)
+def _warp_size(device_type: str, index: int | None) -> int:
+    """Threads per warp: 32 on NVIDIA, 64 on most AMD GPUs (Triton's num_warps counts those)."""
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(index if index is not None else 0)
+        return getattr(props, "warp_size", 32)
+    return 32
+
+
 def _num_warps(tile_elements: int) -> int:
     return max(1, min(16, next_power_of_2(tile_elements // 256)))
 
@@ -183,12 +192,16 @@ def heuristic(problem: Problem) -> LaunchConfig:
     return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)
 
 
-def _fits(config: LaunchConfig, op: str) -> bool:
-    """Whether one program of this config stays within a thread block's limits."""
+def _fits(config: LaunchConfig, problem: Problem) -> bool:
+    """Whether one program of this config stays within the device's limits:
+    at most 1024 threads per block, and a tile share per thread that fits in
+    registers."""
+    warp = _warp_size(problem.device.type, problem.device.index)
     tile = config.block_n * config.block_c * config.block_s
-    per_thread = tile / (32 * config.num_warps)
-    limit = MAX_ELEMENTS_PER_THREAD // (2 if op == "backward" and config.regime == "resident" else 1)
-    return config.num_warps <= 32 and per_thread <= limit
+    per_thread = tile / (warp * config.num_warps)
+    two_tensors = problem.op == "backward" and config.regime == "resident"
+    limit = MAX_ELEMENTS_PER_THREAD // (2 if two_tensors else 1)
+    return config.num_warps * warp <= 1024 and per_thread <= limit
 
 
 def candidates(problem: Problem) -> list[LaunchConfig]:
@@ -208,4 +221,4 @@ def candidates(problem: Problem) -> list[LaunchConfig]:
             split = _split(problem, tile, per_sm * sms)
             found += [dataclasses.replace(split, num_warps=w) for w in (4, 8)]
     unique = list(dict.fromkeys(found))
-    return [unique[0]] + [c for c in unique[1:] if _fits(c, problem.op)]
+    return [unique[0]] + [c for c in unique[1:] if _fits(c, problem)]
