@@ -40,9 +40,10 @@ def _assert_same_state(ours, theirs, atol=1e-5):
 
 @pytest.mark.parametrize("torch_cls,our_cls,shape", PAIRS, ids=["1d-3D", "1d-2D", "2d", "3d"])
 @pytest.mark.parametrize("momentum,affine,track,bias", OPTIONS)
-def test_every_option_matches_torch(device, torch_cls, our_cls, shape, momentum, affine, track, bias):
+@pytest.mark.parametrize("eps", [1e-5, 0.1])
+def test_every_option_matches_torch(device, torch_cls, our_cls, shape, momentum, affine, track, bias, eps):
     """Two training steps then an eval step: outputs, grads, buffers, state_dict."""
-    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track)
+    kwargs = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
     if not bias:
         kwargs["bias"] = False
     theirs, ours = _twins(torch_cls, our_cls, device, **kwargs)
