@@ -76,7 +76,8 @@ def test_candidates_respect_thread_and_register_limits(monkeypatch):
         for c in candidates(problem)[1:]:
             per_thread = c.block_n * c.block_c * c.block_s / (c.num_warps * warp)
             assert c.num_warps * warp <= 1024
-            assert per_thread <= config.MAX_ELEMENTS_PER_THREAD / (2 if c.regime == "resident" else 1)
+            limit = config.MAX_ELEMENTS_PER_THREAD["split" if c.regime == "split" else "resident backward"]
+            assert per_thread <= limit
     # 32 warps of 64 lanes: 2048 threads, more than a block may have
     assert not config._fits(LaunchConfig("split", 64, 32, 1, num_warps=32),
                             Problem("forward", 64, 32, 1, True, torch.float32, torch.device("cpu")))

@@ -28,9 +28,11 @@ PROGRAMS_PER_SM = 4
 INTERPRETER_TILE = 16384
 INTERPRETER_RESIDENT_LIMIT = 65536
 MAX_SPLITS = 1024
-# What one thread may hold of a tile (registers): resident backward tiles hold
-# two tensors, so half of it.
-MAX_ELEMENTS_PER_THREAD = 64
+# Tile elements one thread may hold without spilling registers, measured with
+# `python -m bench.kernel_report --candidates` (sm_90): the split kernels keep
+# three Welford accumulators per element (32 per thread spilled, 16 did not),
+# the resident forward holds x and x - mean, the resident backward x and dy.
+MAX_ELEMENTS_PER_THREAD = {"split": 16, "resident forward": 32, "resident backward": 16}
 
 
 @dataclass(frozen=True)
@@ -199,9 +201,13 @@ def _fits(config: LaunchConfig, problem: Problem) -> bool:
     warp = _warp_size(problem.device.type, problem.device.index)
     tile = config.block_n * config.block_c * config.block_s
     per_thread = tile / (warp * config.num_warps)
-    two_tensors = problem.op == "backward" and config.regime == "resident"
-    limit = MAX_ELEMENTS_PER_THREAD // (2 if two_tensors else 1)
-    return config.num_warps * warp <= 1024 and per_thread <= limit
+    return config.num_warps * warp <= 1024 and per_thread <= _per_thread_limit(config, problem)
+
+
+def _per_thread_limit(config: LaunchConfig, problem: Problem) -> int:
+    if config.regime == "split":
+        return MAX_ELEMENTS_PER_THREAD["split"]
+    return MAX_ELEMENTS_PER_THREAD[f"resident {problem.op}"]
 
 
 def candidates(problem: Problem) -> list[LaunchConfig]:
@@ -219,6 +225,7 @@ def candidates(problem: Problem) -> list[LaunchConfig]:
     for tile in (1024, 4096):
         for per_sm in (2, 8):
             split = _split(problem, tile, per_sm * sms)
+            # 16 warps caps registers at 64 per thread: the loops then spill
             found += [dataclasses.replace(split, num_warps=w) for w in (4, 8)]
     unique = list(dict.fromkeys(found))
     return [unique[0]] + [c for c in unique[1:] if _fits(c, problem)]
