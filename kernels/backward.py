@@ -118,11 +118,11 @@ def bn_bwd_dx_kernel(
 
     if HAS_SUMS:
         sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
-        smask = cmask & (pid_n == 0) & (pid_s == 0)
-        if STORE_DWEIGHT:
-            tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=smask)
-        if STORE_DBIAS:
-            tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=smask)
+        if (pid_n == 0) & (pid_s == 0):  # one writer per channel
+            if STORE_DWEIGHT:
+                tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
+            if STORE_DBIAS:
+                tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
 
     if COMPUTE_DX:
         if TRAINING:

@@ -115,7 +115,7 @@ def store_channel_stats(
     running_var  = (1 - momentum) * running_var  + momentum * var * count / (count - 1)
     With CUMULATIVE_AVERAGE (momentum=None) momentum = 1 / num_batches_tracked,
     read on the device so a compiled graph never turns it into a Python float.
-    smask selects the channels this program owns (one writer per channel).
+    Called by exactly one program per channel block; smask masks its channels.
     """
     tl.store(SaveMean + cols, mean, mask=smask)
     tl.store(SaveInvstd + cols, invstd, mask=smask)

@@ -118,10 +118,10 @@ def bn_fwd_normalize_kernel(
     count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
     var = m2 / tl.maximum(count, 1.0)
     invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
-    is_first = (pid_n == 0) & (pid_s == 0)
-    store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
-                        cols, cmask & is_first, mean, var, invstd, count,
-                        momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
+    if (pid_n == 0) & (pid_s == 0):  # one writer per channel
+        store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                            cols, cmask, mean, var, invstd, count,
+                            momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
 
     scale = invstd
     if HAS_WEIGHT:

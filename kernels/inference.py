@@ -45,9 +45,9 @@ def bn_inference_kernel(
     mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
     var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
     invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
-    smask = cmask & (pid_n == 0) & (pid_s == 0)
-    tl.store(SaveMean + cols, mean, mask=smask)
-    tl.store(SaveInvstd + cols, invstd, mask=smask)
+    if (pid_n == 0) & (pid_s == 0):  # one writer per channel
+        tl.store(SaveMean + cols, mean, mask=cmask)
+        tl.store(SaveInvstd + cols, invstd, mask=cmask)
 
     scale = invstd
     if HAS_WEIGHT:
