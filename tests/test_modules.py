@@ -235,5 +235,5 @@ def test_convert_leaves_sync_batchnorm_and_subclasses_with_a_warning():
     assert "SyncBatchNorm" in messages and "lazy" in messages
     assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is FrozenBN
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.filterwarnings("error", message="convert_batchnorm")
         tritonbn.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))
