@@ -16,6 +16,7 @@ import datetime
 import functools
 import importlib.util
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -32,8 +33,8 @@ from tritonbn.autotune.shapes import SUITES, suite
 from tritonbn.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "mode", "shape", "dtype",
-          "layout", "provider", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
+SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "autotune", "mode", "shape",
+          "dtype", "layout", "provider", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
           "correct", "speedup_vs_eager", "speedup_vs_compile", "note"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |out - ref| / max(1, max |ref|) allowed, per dtype
@@ -177,6 +178,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ("results" if gpu else "out"),
                         help="folder of the CSV (default bench/results on a GPU, bench/out otherwise)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--no-autotune", action="store_true",
+                        help="tritonbn with its heuristic configs (TRITONBN_AUTOTUNE=0); by default a "
+                             "shape seen first is tuned during its correctness check, before timing")
     args = parser.parse_args(argv)
     if args.quick:
         args.suite, args.dtypes = ["quick"], [d for d in args.dtypes if d in ("fp16", "fp32")]
@@ -199,6 +203,10 @@ def run(argv=None) -> pd.DataFrame:
     context = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    device=device_name(), gpu_run=device == "cuda", torch=torch.__version__,
                    triton=triton.__version__, commit=_commit())
+    if args.no_autotune:
+        os.environ["TRITONBN_AUTOTUNE"] = "0"
+    # tuning happens on CUDA only, and not when switched off
+    context["autotune"] = device == "cuda" and os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / (re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-") + ".csv")
     groups = plan_rows(args)
