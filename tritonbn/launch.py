@@ -48,7 +48,8 @@ def output_format(x: torch.Tensor) -> torch.memory_format:
 
 @dataclass(frozen=True)
 class View:
-    """(N, C, S) sizes and per-tensor (n, c, s) strides of the canonical view."""
+    """Sizes of the canonical (N, C, S) view and which axis is the unit-stride one
+    (each tensor's strides come from _strides)."""
 
     N: int
     C: int
