@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-ARCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+from tritonbn.autotune.shapes import DTYPES, LAYOUTS, in_layout, layouts_for, select_shapes
+
+ARCH_DTYPES = {**DTYPES, "fp64": torch.float64}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
           torch.int64: "i64"}
 KERNELS = ("bn_fwd_resident_kernel", "bn_fwd_stats_kernel", "bn_fwd_normalize_kernel",
@@ -80,9 +82,8 @@ def record_launches(problems) -> list:
 
 
 def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x = in_layout(torch.empty(shape, dtype=dtype, device="meta"),
+                  "channels_last" if channels_last else "contiguous")
     params = dict(device="meta", dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     C = shape[1]
     weight, bias, rm, rv = (torch.empty(C, **params) for _ in range(4))
@@ -160,13 +161,8 @@ def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
     out = []
     for shape in shapes:
         for dtype in dtypes:
-            for layout in layouts:
-                if layout == "channels_last" and len(shape) not in (4, 5):
-                    continue
-                x = torch.empty(shape, dtype=dtype, device="meta")
-                if layout == "channels_last":
-                    x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4
-                                     else torch.channels_last_3d)
+            for layout in layouts_for(shape, layouts):
+                x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
                 _, view, _ = launch.plan(x)
                 for op in ops:
                     problem = Problem(op, view.N, view.C, view.S, view.channel_inner, dtype,
@@ -184,8 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", nargs="+", default=["resnet50", "mlp", "video"])
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
     parser.add_argument("--dtypes", nargs="+", choices=list(ARCH_DTYPES), default=["fp32", "fp16", "bf16"])
-    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
-                        default=["contiguous", "channels_last"])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--ops", nargs="+", choices=["forward", "backward", "inference"],
                         default=["forward", "backward", "inference"])
     parser.add_argument("--candidates", action="store_true",
@@ -195,9 +190,7 @@ def main(argv=None) -> int:
         print("unset TRITON_INTERPRET: the report compiles the kernels", file=sys.stderr)
         return 2
     import pandas as pd
-    from tritonbn.autotune.shapes import suite
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
-        list(dict.fromkeys(s for name in args.suite for s in suite(name)))
+    shapes = select_shapes(args.shape, args.suite)
     problems = problems_for(shapes, [ARCH_DTYPES[d] for d in args.dtypes], args.layouts, args.ops, args.sms,
                             args.candidates)
     rows = compile_variants(record_launches(problems), args.arch)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
+from tritonbn.autotune.shapes import in_layout
 
 PROVIDERS = ("tritonbn", "eager", "compile")
 MODES = ("forward", "backward", "fwd_bwd", "inference")
@@ -34,9 +35,8 @@ class Inputs:
 
     @classmethod
     def make(cls, shape, dtype, channels_last: bool, device) -> "Inputs":
-        x = torch.randn(shape, device=device).to(dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = in_layout(torch.randn(shape, device=device).to(dtype),
+                      "channels_last" if channels_last else "contiguous")
         C = shape[1]
         # 16-bit activations come with float32 parameters, as under autocast
         half = dtype in (torch.float16, torch.bfloat16)

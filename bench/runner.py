@@ -29,14 +29,13 @@ import triton
 
 from . import providers
 from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call
-from tritonbn.autotune.shapes import SUITES, suite
+from tritonbn.autotune.shapes import DTYPES, LAYOUTS, SUITES, layouts_for, select_shapes
 from tritonbn.progress import progress
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "autotune", "mode", "shape",
           "dtype", "layout", "provider", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
           "correct", "speedup_vs_eager", "speedup_vs_compile", "note"]
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |out - ref| / max(1, max |ref|) allowed, per dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -130,16 +129,10 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
 
 
 def plan_rows(args) -> list[tuple]:
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
-        [s for name in args.suite for s in suite(name, args.batches)]
-    groups = []
-    for shape in dict.fromkeys(shapes):
-        layouts = [layout for layout in args.layouts if layout == "contiguous" or len(shape) in (4, 5)]
-        for mode in args.modes:
-            for dtype in args.dtypes:
-                for layout in layouts:
-                    groups.append((mode, shape, dtype, layout))
-    return groups
+    return [(mode, shape, dtype, layout)
+            for shape in select_shapes(args.shape, args.suite, args.batches)
+            for mode in args.modes for dtype in args.dtypes
+            for layout in layouts_for(shape, args.layouts)]
 
 
 def summarize(df: pd.DataFrame) -> str:
@@ -170,8 +163,7 @@ def parse_args(argv=None):
     parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")),
                         default=(32, 64, 256), help="batch sizes of the resnet50 suite (default 32,64,256)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
-                        default=["contiguous", "channels_last"],
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS),
                         help="channels_last applies to 4-D and 5-D shapes")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))

@@ -22,10 +22,9 @@ import torch
 from .. import launch
 from ..progress import progress
 from . import Cache, Tuner, use_tuner
-from .shapes import SUITES, suite
+from .shapes import DTYPES, LAYOUTS, SUITES, in_layout, layouts_for, select_shapes
 from .tuner import device_context
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("forward", "backward", "inference")
 
 
@@ -47,9 +46,7 @@ def cache_table(cache: Cache, current_context: str | None = None) -> pd.DataFram
 
 
 def _inputs(shape, dtype, layout):
-    x = torch.randn(shape, device="cuda").to(dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    x = in_layout(torch.randn(shape, device="cuda").to(dtype), layout)
     params = dict(device="cuda", dtype=torch.float32 if dtype != torch.float64 else dtype)
     C = shape[1]
     return (x, torch.ones(C, **params), torch.zeros(C, **params), torch.zeros(C, **params),
@@ -76,8 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--suite", nargs="+", choices=SUITES, default=["resnet50", "mlp", "video"])
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
-                        default=["contiguous", "channels_last"])
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--output", type=Path, help="JSON file to store entries in (default: the user cache)")
     parser.add_argument("--retune", action="store_true", help="tune again problems already in the output")
@@ -92,10 +88,8 @@ def main(argv=None) -> int:
                             device_context("cuda", None) if torch.cuda.is_available() else None)
         print("the cache is empty" if table.empty else table.to_string(index=False))
         return 0
-    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape] if args.shape else \
-        [s for name in args.suite for s in suite(name)]
-    work = [(op, shape, dtype, layout) for shape in dict.fromkeys(shapes) for dtype in args.dtypes
-            for layout in args.layouts if layout == "contiguous" or len(shape) in (4, 5) for op in args.ops]
+    work = [(op, shape, dtype, layout) for shape in select_shapes(args.shape, args.suite)
+            for dtype in args.dtypes for layout in layouts_for(shape, args.layouts) for op in args.ops]
     if args.dry_run:
         for op, shape, dtype, layout in work:
             print(op, "x".join(map(str, shape)), dtype, layout)

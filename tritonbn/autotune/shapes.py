@@ -1,6 +1,9 @@
 """Reference shape sets, (N, C, *spatial): what the benchmark measures and
-`python -m tritonbn.autotune` pre-tunes (the reference shapes of DESIGN.md)."""
+`python -m tritonbn.autotune` pre-tunes (the reference shapes of DESIGN.md),
+and the dtype / layout vocabulary the command-line tools share."""
 from __future__ import annotations
+
+import torch
 
 # ResNet-50 training BN layers as (C, H=W)
 RESNET50_LAYERS = [(64, 112), (64, 56), (256, 56), (128, 56), (128, 28), (512, 28), (256, 28),
@@ -27,3 +30,27 @@ def suite(name: str, batches=RESNET50_BATCHES) -> list[tuple[int, ...]]:
 
 
 SUITES = ("resnet50", "mlp", "video", "tiny", "quick")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LAYOUTS = ("contiguous", "channels_last")
+
+
+def select_shapes(explicit: list[str] | None, suites, batches=RESNET50_BATCHES) -> list[tuple[int, ...]]:
+    """Shapes given as "N,C,..." strings if any, else those of the named suites;
+    duplicates dropped, order kept."""
+    if explicit:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in explicit]
+    else:
+        shapes = [s for name in suites for s in suite(name, batches)]
+    return list(dict.fromkeys(shapes))
+
+
+def layouts_for(shape: tuple[int, ...], layouts) -> list[str]:
+    """The requested layouts that exist for this rank: channels_last needs 4-D or 5-D."""
+    return [layout for layout in layouts if layout == "contiguous" or len(shape) in (4, 5)]
+
+
+def in_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
