@@ -192,13 +192,14 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
     dummy = save_mean
     momentum_hi, momentum_lo = _hi_lo(0.0 if momentum is None else momentum)
     eps_hi, eps_lo = _hi_lo(eps)
+    x_strides = _named_strides("x", _strides(x, view))
     args = dict(
         Weight=dummy if weight is None else weight, Bias=dummy if bias is None else bias,
         RunningMean=running_mean if update else dummy, RunningVar=running_var if update else dummy,
         NumBatchesTracked=dummy if num_batches_tracked is None else num_batches_tracked,
         SaveMean=save_mean, SaveInvstd=save_invstd,
         N=view.N, C=view.C, S=view.S,
-        **_named_strides("x", _strides(x, view)), **_named_strides("y", _strides(y, view)),
+        **x_strides, **_named_strides("y", _strides(y, view)),
         momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
@@ -212,7 +213,7 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
     num_splits = grid[1] * grid[2]
     partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
     kernels.bn_fwd_stats_kernel[grid](
-        x, partials, view.N, view.C, view.S, **_named_strides("x", _strides(x, view)),
+        x, partials, view.N, view.C, view.S, **x_strides,
         n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
     kernels.bn_fwd_normalize_kernel[grid](
         x, y, partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
@@ -275,11 +276,11 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
     db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None
     dummy = save_mean
     dx_ = dx if dx is not None else x
+    input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides))
     args = dict(
         Weight=dummy if weight is None else weight, Mean=save_mean, Invstd=save_invstd,
         DWeight=dw if need_dw else dummy, DBias=db if need_db else dummy,
-        N=view.N, C=view.C, S=view.S,
-        **_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
+        N=view.N, C=view.C, S=view.S, **input_strides,
         **_named_strides("dx", _strides(dx_, view)),
         HAS_WEIGHT=weight is not None, TRAINING=training,
         STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
@@ -296,8 +297,7 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
     if has_sums:
         partials = torch.empty((2, num_splits, view.C), dtype=acc_dtype(x.dtype), device=x.device)
         kernels.bn_bwd_sums_kernel[grid](
-            x, grad_out, save_mean, save_invstd, partials, view.N, view.C, view.S,
-            **_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
+            x, grad_out, save_mean, save_invstd, partials, view.N, view.C, view.S, **input_strides,
             n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x, grad_out))
     # without dx, one program per channel block is enough to merge the sums
     dx_grid = grid if need_dx else (grid[0], 1, 1)

@@ -38,7 +38,6 @@ def _empty_stats(input: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _forward(
-
     input: Tensor,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
@@ -77,7 +76,6 @@ def _(input, weight, bias, running_mean, running_var, num_batches_tracked, train
 
 
 def _backward(
-
     grad_out: Tensor,
     input: Tensor,
     weight: Optional[Tensor],
