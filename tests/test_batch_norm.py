@@ -210,6 +210,34 @@ def test_double_backward_is_refused_clearly(device):
         grad.sum().backward()
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("regime", ["resident", "split"])
+def test_strided_and_expanded_per_channel_tensors(device, training, regime):
+    """weight, bias and running stats that are a column of a matrix or an
+    expanded scalar are read by their strides, and strided running stats are
+    updated in place, as torch does; the rest of their storage is untouched."""
+    x = torch.randn(4, 3, 5, device=device)
+    columns = {name: torch.randn(3, 2, device=device) for name in ("weight", "running_mean")}
+    columns["running_var"] = torch.rand(3, 2, device=device) + 0.5
+    bias = torch.full((1,), 0.25, device=device).expand(3)
+    grad_out = torch.randn_like(x)
+    config = resident(x) if regime == "resident" else split()
+    configs = dict(forward=config, backward=config) if training or regime == "resident" else \
+        dict(backward=config, inference=config)  # inference has one regime
+
+    def run(fn):
+        storage = {name: t.clone() for name, t in columns.items()}
+        weight = storage["weight"][:, 1].requires_grad_()
+        with override(**configs):
+            y = fn(x, storage["running_mean"][:, 1], storage["running_var"][:, 1], weight, bias,
+                   training, 0.1, 1e-5)
+            (dweight,) = torch.autograd.grad(y, weight, grad_out)
+        return y, dweight, storage["running_mean"], storage["running_var"]
+
+    for ours, theirs in zip(run(tritonbn.batch_norm), run(F.batch_norm)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(16, 32, 16, 16), (512, 64), (4, 16, 4, 8, 8)])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -107,6 +107,12 @@ def conform(t: torch.Tensor, view: View,
     return t, strides
 
 
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector the kernels can index as ``ptr + c``: a strided or
+    expanded one (a column of a matrix, ``expand``) is copied, C values."""
+    return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
+
+
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether any element offset of these tensors can pass int32."""
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX
@@ -170,16 +176,23 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     read on the device. Returns (y, save_mean, save_invstd).
     """
     x, view, fmt = plan(x)
-    launch = functools.partial(_launch_forward, x, view, fmt, weight, bias,
+    launch = functools.partial(_launch_forward, x, view, fmt, _dense(weight), _dense(bias),
                                num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps)
 
     @functools.cache
     def scratch_running_stats():
-        return [None if t is None else t.clone() for t in (running_mean, running_var)]
+        return [None if t is None else t.clone(memory_format=torch.contiguous_format)
+                for t in (running_mean, running_var)]
 
     # a tuning candidate updates scratch copies, never the caller's running stats
     cfg = _config("forward", view, x, config, lambda c: launch(c, *scratch_running_stats()))
-    return launch(cfg, running_mean, running_var)
+    # strided running stats are updated in dense copies, then written back
+    running = [_dense(t) for t in (running_mean, running_var)]
+    outputs = launch(cfg, *running)
+    for buffer, updated in zip((running_mean, running_var), running):
+        if updated is not buffer:
+            buffer.copy_(updated)
+    return outputs
 
 
 def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running_mean, running_var,
@@ -227,8 +240,8 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
     with mean = running_mean and invstd = 1 / sqrt(running_var + eps) in the
     statistics dtype, for the eval-mode backward."""
     x, view, fmt = plan(x)
-    launch = functools.partial(_launch_inference, x, view, fmt, weight, bias, running_mean,
-                               running_var, eps)
+    launch = functools.partial(_launch_inference, x, view, fmt, _dense(weight), _dense(bias),
+                               _dense(running_mean), _dense(running_var), eps)
     return launch(_config("inference", view, x, config, launch))
 
 
@@ -262,8 +275,8 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
         return None, None, None
     x, view, fmt = plan(x)
     grad_out, g_strides = conform(grad_out, view, fmt)
-    launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, weight,
-                               save_mean, save_invstd, training, (need_dx, need_dw, need_db),
+    launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, _dense(weight),
+                               _dense(save_mean), _dense(save_invstd), training, (need_dx, need_dw, need_db),
                                bias_dtype)
     return launch(_config("backward", view, x, config, launch))
 
