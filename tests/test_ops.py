@@ -31,8 +31,10 @@ def test_opcheck_forward(device, training, track, affine):
 def test_opcheck_backward(device, training, mask):
     x, w, b, rm, rv, *_ = _forward_args(device, training)
     _, mean, invstd = torch.ops.tritonbn.batch_norm_forward(x, w, b, rm, rv, None, training, 0.1, 1e-5)
+    # inputs that require grad: opcheck then checks the double backward's registration too
+    grad_out, x, w = (t.detach().requires_grad_() for t in (torch.randn_like(x), x, w))
     torch.library.opcheck(torch.ops.tritonbn.batch_norm_backward.default,
-                          (torch.randn_like(x), x, w, mean, invstd, training, mask, b.dtype))
+                          (grad_out, x, w, mean, invstd, training, mask, b.dtype, 1e-5))
 
 
 def test_fake_outputs_match_real_ones(device):

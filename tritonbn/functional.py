@@ -1,10 +1,11 @@
 """Functional API mirroring torch.nn.functional.batch_norm."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .checks import check_rank
-from .ops import BatchNormFunction
+from .ops import BatchNormFunction, EagerBatchNormFunction
 
 
 def _verify_batch_size(input: Tensor) -> None:
@@ -60,5 +61,7 @@ def batch_norm_tracked(
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     elif eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps)
+    function = BatchNormFunction if torch.compiler.is_compiling() else EagerBatchNormFunction
+    y, _, _ = function.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                             training, momentum, eps)
+    return y

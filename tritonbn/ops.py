@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import fallback, kernels, launch
+from . import derivatives, fallback, kernels, launch
 from .checks import check_inputs
 
 
@@ -84,9 +84,11 @@ def _backward(
     training: bool,
     output_mask: list[bool],
     bias_dtype: Optional[torch.dtype],
+    eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias). A gradient not asked for in
-    output_mask, or with no parameter to go to, comes back as an empty tensor."""
+    output_mask, or with no parameter to go to, comes back as an empty tensor.
+    eps is not needed here; the double backward rebuilds invstd from x with it."""
     need_dx, need_dw, need_db = output_mask
     if input.numel() == 0:
         dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx else None
@@ -106,7 +108,7 @@ batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype):
+def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps):
     need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx \
         else input.new_empty((0,))
@@ -116,14 +118,55 @@ def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bi
     return dx, dw, db
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "tritonbn: double backward (a gradient of batch_norm's gradient, e.g. with "
-        "create_graph=True) is not supported; use torch.nn.functional.batch_norm for it")
+def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps):
+    """_backward's results (None where not asked) from derivatives.backward_formula."""
+    if input.numel() == 0:
+        return _backward(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
+                         bias_dtype, eps)
+    dx, dw, db = derivatives.backward_formula(grad_out, input, weight, save_mean, save_invstd, training, eps)
+    return (dx.to(input.dtype) if output_mask[0] else None,
+            dw.to(weight.dtype) if output_mask[1] and weight is not None else None,
+            db.to(bias_dtype) if output_mask[2] and bias_dtype is not None else None)
 
 
-torch.library.register_autograd("tritonbn::batch_norm_backward", _no_double_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+def _setup_double_backward(ctx, inputs, output):
+    grad_out, input, weight, save_mean, save_invstd, training, output_mask, _, eps = inputs
+    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
+    ctx.training, ctx.output_mask, ctx.eps = training, output_mask, eps
+
+
+def _double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    """Gradients of (grad_input, grad_weight, grad_bias) with respect to
+    grad_out, input and weight: a vector-Jacobian product of derivatives.backward_formula.
+    torch.func.vjp takes partial derivatives (grad_out depends on input through
+    the loss, and the outer autograd adds that path), and what it returns is
+    differentiable, so a third derivative works too."""
+    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
+    primals = (grad_out, input, weight)
+    wanted = [i for i, (t, need) in enumerate(zip(primals, ctx.needs_input_grad[:3]))
+              if need and t is not None]
+    grads = [None, None, None]
+    if input.numel() == 0:  # empty batch: nothing flows (the formula would divide by m = 0)
+        grads = [torch.zeros_like(primals[i]) if i in wanted else None for i in range(3)]
+    elif wanted:
+        def formula(*differentiated):
+            args = list(primals)
+            for i, t in zip(wanted, differentiated):
+                args[i] = t
+            return derivatives.backward_formula(*args, save_mean, save_invstd, ctx.training, ctx.eps)
+
+        outputs, vjp = torch.func.vjp(formula, *(primals[i] for i in wanted))
+        cotangents = tuple(
+            grad.to(out.dtype) if asked and grad is not None and grad.numel() else torch.zeros_like(out)
+            for out, grad, asked in zip(outputs, (grad_grad_input, grad_grad_weight, grad_grad_bias),
+                                        ctx.output_mask))
+        for i, grad in zip(wanted, vjp(cotangents)):
+            grads[i] = grad
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("tritonbn::batch_norm_backward", _double_backward,
+                                setup_context=_setup_double_backward)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -150,34 +193,85 @@ def _mark_updated(*tensors: Tensor | None) -> None:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Forward and backward ops tied for autograd; saves only (x, weight,
-    save_mean, save_invstd) and routes gradients to what requires them."""
+    """Forward and backward ops tied for autograd. apply returns (y, save_mean,
+    save_invstd), the statistics not differentiable; backward saves only (x,
+    weight, save_mean, save_invstd) and routes gradients to what requires them.
+    forward and setup_context are separate so torch.func.grad / jacrev work.
+    What torch.compile traces; eager calls EagerBatchNormFunction."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
+    def forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps):
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps)
         if _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
-            y, save_mean, save_invstd = _forward(*args)
+            outputs = _forward(*args)
             if training:
                 _mark_updated(running_mean, running_var)
-        else:
-            y, save_mean, save_invstd = torch.ops.tritonbn.batch_norm_forward(*args)
-        ctx.save_for_backward(input, weight, save_mean, save_invstd)
-        ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+            return outputs
+        return torch.ops.tritonbn.batch_norm_forward(*args)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, *_, training, _, eps = inputs
+        _, save_mean, save_invstd = output
+        ctx.mark_non_differentiable(save_mean, save_invstd)
+        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        ctx.save_for_forward(input, weight, save_mean, save_invstd)
+        ctx.training, ctx.eps = training, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_invstd):
         input, weight, save_mean, save_invstd = ctx.saved_tensors
         mask = [bool(m) for m in ctx.needs_input_grad[:3]]
         grads = (None, None, None)
         if any(mask):
-            args = (grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype)
-            # create_graph=True (grad mode on) takes the op, whose autograd refuses double backward
-            direct = not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight)
-            dx, dw, db = (_backward if direct else torch.ops.tritonbn.batch_norm_backward)(*args)
+            args = (grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype,
+                    ctx.eps)
+            if torch._C._are_functorch_transforms_active():
+                # torch.func.grad / jacrev: the custom op's autograd does not support
+                # functorch, so differentiate the formula in torch ops
+                dx, dw, db = _formula_grads(*args)
+            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight):
+                dx, dw, db = _backward(*args)
+            else:  # create_graph=True or tracing: the op, whose autograd is the double backward
+                dx, dw, db = torch.ops.tritonbn.batch_norm_backward(*args)
             grads = tuple(g if m else None for g, m in zip((dx, dw, db), mask))
         return (*grads, None, None, None, None, None, None)
+
+
+class EagerBatchNormFunction(BatchNormFunction):
+    """BatchNormFunction plus the rules of torch.func's vmap and forward-mode AD
+    (jvp). Dynamo cannot trace an autograd.Function that has them, so
+    torch.compile gets BatchNormFunction instead."""
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
+             training, momentum, eps):
+        """torch.func.vmap (jacfwd, hessian, model ensembles): each slice is its own
+        batch norm, one call per slice. Running stats updated in training must be
+        batched along with the input, as in torch."""
+        tensors = (input, weight, bias, running_mean, running_var, num_batches_tracked)
+        dims = in_dims[:6]
+        running_batched = dims[3] is not None and dims[4] is not None
+        if training and running_mean is not None and not running_batched and dims[0] is not None:
+            raise RuntimeError(
+                    "batch_norm under vmap got a batched input while running_mean or running_var, "
+                    "which are updated in place, are not batched; batch them too, or use "
+                    "track_running_stats=False if eval mode is not needed")
+        outputs = []
+        for i in range(info.batch_size):
+            args = [t if t is None or d is None else t.select(d, i) for t, d in zip(tensors, dims)]
+            if training and i and not running_batched:
+                args[3:6] = None, None, None  # unbatched running stats are updated once
+            outputs.append(EagerBatchNormFunction.apply(*args, training, momentum, eps))
+        return tuple(torch.stack(results) for results in zip(*outputs)), (0, 0, 0)
+
+    @staticmethod
+    def jvp(ctx, input_t, weight_t, bias_t, *_):
+        """Forward-mode derivative of y (torch.func.jvp, jacfwd, hessian)."""
+        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        y_t = derivatives.output_tangent(input, weight, save_mean, save_invstd, ctx.training,
+                                         input_t, weight_t, bias_t)
+        return y_t.to(input.dtype), None, None

@@ -1,0 +1,71 @@
+"""BatchNorm's derivatives as differentiable torch ops, for what the Triton
+kernels do not compute: the double backward (create_graph=True, gradient
+penalties), torch.func transforms and forward-mode AD. Computed in the
+statistics dtype (float32, or float64 for float64 input), with the names of
+DESIGN.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _channel_dims(input: Tensor) -> list[int]:
+    return [0, *range(2, input.dim())]
+
+
+def _per_channel(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A [C] tensor shaped to broadcast over like (N, C, *)."""
+    return t.to(dtype).view(1, -1, *([1] * (like.dim() - 2)))
+
+
+def backward_formula(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], save_mean: Tensor,
+                     save_invstd: Tensor, training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) as differentiable torch ops, in the
+    statistics dtype: what the double backward differentiates. In training the
+    batch mean and invstd are rebuilt from input, since they depend on it
+    (save_mean / save_invstd are then unused); in eval they are constants."""
+    acc, dims = save_invstd.dtype, _channel_dims(input)
+    per_channel = functools.partial(_per_channel, like=input, dtype=acc)
+    x, g = input.to(acc), grad_out.to(acc)
+    if training:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        invstd = torch.rsqrt(var + eps)
+    else:
+        mean, invstd = save_mean, save_invstd
+    xhat = (x - per_channel(mean)) * per_channel(invstd)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    scale = per_channel(invstd if weight is None else weight * invstd)
+    if training:
+        m = input.numel() // input.shape[1]
+        grad_input = scale * (g - per_channel(grad_bias) / m - xhat * per_channel(grad_weight) / m)
+    else:
+        grad_input = scale * g
+    return grad_input, grad_weight, grad_bias
+
+
+def output_tangent(input: Tensor, weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
+                   training: bool, input_t: Optional[Tensor], weight_t: Optional[Tensor],
+                   bias_t: Optional[Tensor]) -> Tensor:
+    """Forward-mode derivative of y, in the statistics dtype:
+    y_t = weight * xhat_t + weight_t * xhat + bias_t, where in training
+    xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)) (the batch
+    statistics move with x) and in eval xhat_t = invstd * x_t."""
+    acc, dims = save_invstd.dtype, _channel_dims(input)
+    per_channel = functools.partial(_per_channel, like=input, dtype=acc)
+    xhat = (input.to(acc) - per_channel(save_mean)) * per_channel(save_invstd)
+    y_t = torch.zeros_like(xhat)
+    if input_t is not None and input.numel():
+        x_t = input_t.to(acc)
+        if training:
+            x_t = x_t - x_t.mean(dims, keepdim=True) - xhat * (x_t * xhat).mean(dims, keepdim=True)
+        y_t = y_t + x_t * per_channel(save_invstd if weight is None else weight * save_invstd)
+    if weight_t is not None:
+        y_t = y_t + per_channel(weight_t) * xhat
+    if bias_t is not None:
+        y_t = y_t + per_channel(bias_t)
+    return y_t
