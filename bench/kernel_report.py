@@ -30,7 +30,8 @@ ARCH_DTYPES = {**DTYPES, "fp64": torch.float64}
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
           torch.int64: "i64"}
 KERNELS = ("bn_fwd_resident_kernel", "bn_fwd_stats_kernel", "bn_fwd_normalize_kernel",
-           "bn_inference_kernel", "bn_bwd_sums_kernel", "bn_bwd_dx_kernel", "bn_bwd_resident_kernel")
+           "bn_fwd_merge_kernel", "bn_inference_kernel", "bn_bwd_sums_kernel", "bn_bwd_dx_kernel",
+           "bn_bwd_resident_kernel")
 
 
 class _Recorder:
@@ -94,6 +95,18 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
         launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
+    elif op == "sync":  # SyncBatchNorm's launches (tritonbn/distributed.py), two processes' stats
+        from tritonbn.autotune import override
+        with override(forward=config, backward=config):
+            launch.local_stats(x)
+            gathered = torch.empty((3, 2, C), **stats)
+            nbt = torch.empty((), dtype=torch.long, device="meta")
+            for rows in (x, x[:0]):  # an empty process writes the statistics without normalizing
+                launch.forward_training_from_stats(rows, gathered, weight, bias, rm, rv, nbt, None, 1e-5)
+            mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)
+            launch.backward_local_sums(torch.empty_like(x), x, mean, invstd)
+            launch.backward_input_from_means(torch.empty_like(x), x, weight, mean, invstd,
+                                             torch.empty((2, C), **stats))
     else:
         mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)
         for training, mask in ((True, (True, True, True)), (False, (True, False, False)),
@@ -121,10 +134,12 @@ def compile_variants(log, arch: int) -> list[dict]:
         variants.setdefault(key, (fn, sig, constexprs, num_warps))
     rows = []
     for (name, *_), (fn, sig, constexprs, num_warps) in variants.items():
-        blocks = "x".join(str(constexprs[k]) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
-        row = dict(kernel=name, dtype=sig.get("X", "?").lstrip("*"), acc=str(constexprs["ACC_DTYPE"]),
-                   layout="channel_inner" if constexprs["CHANNEL_INNER"] else "channel_strided",
-                   int64=constexprs["INT64"], blocks=blocks, warps=num_warps,
+        # bn_fwd_merge_kernel reads partials only: no x, no N / S blocks, no layout
+        blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
+        layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
+        row = dict(kernel=name, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
+                   acc=str(constexprs["ACC_DTYPE"]), layout=layout,
+                   int64=constexprs.get("INT64", False), blocks=blocks, warps=num_warps,
                    flags=",".join(k for k, v in constexprs.items() if v is True and k not in ("CHANNEL_INNER",
                                                                                               "INT64")),
                    ok=False, registers=None, spill_bytes=None, error="")

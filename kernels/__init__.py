@@ -4,7 +4,9 @@ Only @triton.jit code lives here: no torch.nn, no autograd, no launch logic.
 ``tritonbn.launch`` picks the views, blocks and grids and calls these.
 """
 from .backward import bn_bwd_dx_kernel, bn_bwd_resident_kernel, bn_bwd_sums_kernel
-from .forward import bn_fwd_normalize_kernel, bn_fwd_resident_kernel, bn_fwd_stats_kernel
+from .forward import (
+    bn_fwd_merge_kernel, bn_fwd_normalize_kernel, bn_fwd_resident_kernel, bn_fwd_stats_kernel,
+)
 from .inference import bn_inference_kernel
 
 try:  # triton >= 3.0 returns an InterpretedFunction from @jit when TRITON_INTERPRET=1
@@ -21,6 +23,7 @@ __all__ = [
     "bn_bwd_dx_kernel",
     "bn_bwd_resident_kernel",
     "bn_bwd_sums_kernel",
+    "bn_fwd_merge_kernel",
     "bn_fwd_normalize_kernel",
     "bn_fwd_resident_kernel",
     "bn_fwd_stats_kernel",

@@ -17,6 +17,11 @@ split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S), the same grid for both
           running statistics, and each program normalizes its own share.
           2 reads, 1 write, 2 launches, no atomics: bitwise reproducible.
 
+SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
+partials of every process in between: ``bn_fwd_merge_kernel`` merges one
+process's partials into the (count, mean, m2) it all-gathers, and
+``bn_fwd_normalize_kernel`` merges the gathered ones.
+
 Normalization keeps the (x - mean) form rather than the folded x * scale + shift:
 x - mean is exact when both are close, which matters when |mean| >> std.
 """
@@ -186,3 +191,34 @@ def bn_fwd_resident_kernel(
     y_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_fwd_merge_kernel(
+    Partials,           # [3, P, C] Welford partials (of splits, or of processes)
+    Merged,             # [3, C] count, mean, m2 out, when STORE_MERGED
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs, when STORE_STATS
+    RunningMean, RunningVar, NumBatchesTracked,  # as in bn_fwd_normalize_kernel
+    C, num_splits,
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
+    STORE_MERGED: tl.constexpr, STORE_STATS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Merge partials per channel, grid (cdiv(C, BLOCK_C),). For SyncBatchNorm:
+    STORE_MERGED gives this process's (count, mean, m2) to all-gather;
+    STORE_STATS writes the statistics and running stats when this process has
+    no values of its own to normalize (bn_fwd_normalize_kernel does otherwise)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
+    if STORE_MERGED:
+        tl.store(Merged + cols, count, mask=cmask)
+        tl.store(Merged + C + cols, mean, mask=cmask)
+        tl.store(Merged + 2 * C + cols, m2, mask=cmask)
+    if STORE_STATS:
+        var = m2 / tl.maximum(count, 1.0)
+        invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+        store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                            cols, cmask, mean, var, invstd, count,
+                            momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent("""
             for op in ("forward", "backward", "inference"):
                 for config in ((r, split) if op != "inference" else (split,)):
                     problems.append((op, shape, dtype, channels_last, config))
+            problems.append(("sync", shape, dtype, channels_last, split))
     for op in ("forward", "backward", "inference"):  # 2.2e9 elements: int64 offsets
         problems.append((op, (1, 2, 1_100_000_000), torch.float16, False, split))
     rows = compile_variants(record_launches(problems), 90)
@@ -43,7 +44,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert not failed, "\n".join(f"{r['kernel']} {r['dtype']} {r['layout']} {r['flags']}: {r['error']}"
                                  for r in failed)
     kernels = {r["kernel"] for r in rows}
-    assert len(kernels) == 7 and any(r["int64"] for r in rows)
+    assert len(kernels) == 8 and any(r["int64"] for r in rows)
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "fp64"}
     spilled = [r for r in rows if r["spill_bytes"] and r["dtype"] != "fp64"]
     assert not spilled, spilled

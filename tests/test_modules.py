@@ -225,15 +225,53 @@ def test_convert_root_module_and_all_ranks():
         assert type(tritonbn.revert_batchnorm(our_cls(4))) is torch_cls
 
 
-def test_convert_leaves_sync_batchnorm_and_subclasses_with_a_warning():
+def test_convert_leaves_subclasses_alone_and_warns_for_lazy_modules():
     class FrozenBN(nn.BatchNorm2d):
         pass
     model = nn.Sequential(nn.SyncBatchNorm(4), FrozenBN(4), nn.LazyBatchNorm2d())
     with pytest.warns(UserWarning) as record:
         tritonbn.convert_batchnorm(model)
     messages = " ".join(str(w.message) for w in record)
-    assert "SyncBatchNorm" in messages and "lazy" in messages
-    assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is FrozenBN
+    assert "lazy" in messages and "SyncBatchNorm" not in messages
+    assert type(model[0]) is tritonbn.SyncBatchNorm and type(model[1]) is FrozenBN
+    assert type(tritonbn.revert_batchnorm(model)[0]) is nn.SyncBatchNorm
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="convert_batchnorm")
         tritonbn.convert_batchnorm(nn.Sequential(nn.BatchNorm2d(4)))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batchnorm_in_one_process_is_batchnorm(device, momentum):
+    """Without an initialized process group (or in eval) tritonbn.SyncBatchNorm
+    is tritonbn's BatchNorm: outputs, gradients and buffers equal
+    torch.nn.SyncBatchNorm's, over train and eval steps, and checkpoints load
+    both ways. convert_sync_batchnorm gives tritonbn's class with the model's
+    parameters."""
+    torch.manual_seed(0)
+    theirs = nn.SyncBatchNorm(3, momentum=momentum, device=device)
+    nn.init.uniform_(theirs.weight, 0.5, 1.5)
+    nn.init.normal_(theirs.bias)
+    ours = tritonbn.SyncBatchNorm(3, momentum=momentum, device=device)
+    ours.load_state_dict(theirs.state_dict())
+    for training in (True, True, False):
+        ours.train(training)
+        theirs.train(training)
+        x = torch.randn(4, 3, 2, 5, device=device)
+        grad_out = torch.randn_like(x)
+        outputs = []
+        for module in (ours, theirs):
+            leaf = x.clone().requires_grad_()
+            y = module(leaf)
+            y.backward(grad_out)
+            outputs.append((y, leaf.grad))
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for name, buffer in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], buffer, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)
+
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    bn_weight = model[1].weight
+    converted = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted[1]) is tritonbn.SyncBatchNorm
+    torch.testing.assert_close(converted[1].weight, bn_weight)

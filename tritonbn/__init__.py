@@ -31,10 +31,10 @@ __version__ = "0.1.0"
 from . import functional, ops  # noqa: E402  (ops registers the torch.library ops)
 from .functional import batch_norm  # noqa: E402
 from .modules import (  # noqa: E402
-    BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm, revert_batchnorm,
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_batchnorm, revert_batchnorm,
 )
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert_batchnorm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert_batchnorm",
     "functional", "ops", "revert_batchnorm",
 ]

@@ -30,7 +30,7 @@ from torch._prims_common import suggest_memory_format
 
 from . import kernels
 from .autotune import LaunchConfig, Problem, Trial, choose_config
-from .autotune.config import cdiv, next_power_of_2
+from .autotune.config import cdiv, heuristic, next_power_of_2
 
 _ACC = {torch.float64: tl.float64}
 _INT32_MAX = 2**31 - 1
@@ -196,7 +196,8 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
 
 
 def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running_mean, running_var,
-                    *, num_batches_tracked, momentum, eps):
+                    *, num_batches_tracked, momentum, eps, partials=None):
+    """partials given (split regime): statistics merged from them rather than from x."""
     y = torch.empty_like(x, memory_format=fmt)
     acc = acc_dtype(x.dtype)
     save_mean = torch.empty(view.C, dtype=acc, device=x.device)
@@ -223,11 +224,12 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
         return y, save_mean, save_invstd
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
-    num_splits = grid[1] * grid[2]
-    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
-    kernels.bn_fwd_stats_kernel[grid](
-        x, partials, view.N, view.C, view.S, **x_strides,
-        n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+    if partials is None:
+        partials = torch.empty((3, grid[1] * grid[2], view.C), dtype=acc, device=x.device)
+        kernels.bn_fwd_stats_kernel[grid](
+            x, partials, view.N, view.C, view.S, **x_strides,
+            n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+    num_splits = partials.shape[1]
     kernels.bn_fwd_normalize_kernel[grid](
         x, y, partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
         SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
@@ -282,11 +284,18 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
 
 
 def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean, save_invstd,
-                     training, output_mask, bias_dtype, cfg: LaunchConfig):
+                     training, output_mask, bias_dtype, cfg: LaunchConfig, *, sums=None,
+                     partials=None, count=None):
+    """SyncBatchNorm's uses (split regime): sums [2, C] given: write (sum g,
+    sum g * xhat) there as dbias / dweight; partials [2, P, C] and count given:
+    dx from those sums instead of x's own."""
     need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
-    dw = torch.empty(view.C, dtype=weight.dtype, device=x.device) if need_dw else None
-    db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None
+    if sums is not None:
+        db, dw = sums[0], sums[1]
+    else:
+        dw = torch.empty(view.C, dtype=weight.dtype, device=x.device) if need_dw else None
+        db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None
     dummy = save_mean
     dx_ = dx if dx is not None else x
     input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides))
@@ -305,20 +314,123 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
     has_sums = training or need_dw or need_db
-    num_splits = grid[1] * grid[2]
-    partials = dummy
-    if has_sums:
-        partials = torch.empty((2, num_splits, view.C), dtype=acc_dtype(x.dtype), device=x.device)
+    if partials is None and has_sums:
+        partials = torch.empty((2, grid[1] * grid[2], view.C), dtype=acc_dtype(x.dtype), device=x.device)
         kernels.bn_bwd_sums_kernel[grid](
             x, grad_out, save_mean, save_invstd, partials, view.N, view.C, view.S, **input_strides,
             n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x, grad_out))
+    num_splits = 1 if partials is None else partials.shape[1]
     # without dx, one program per channel block is enough to merge the sums
     dx_grid = grid if need_dx else (grid[0], 1, 1)
     kernels.bn_bwd_dx_kernel[dx_grid](
-        x, grad_out, dx_, partials, n_per_split=n_per_split, s_per_split=s_per_split,
-        num_splits=num_splits, count=float(view.N * view.S), HAS_SUMS=has_sums,
+        x, grad_out, dx_, dummy if partials is None else partials,
+        n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
+        count=float(view.N * view.S) if count is None else count, HAS_SUMS=has_sums,
         SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
     return dx, dw, db
+
+
+# SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
+# statistics merged across processes in between. Always the split regime; the
+# tuner is not asked to time candidates, since a trial cannot run collectives.
+
+def _split_config(op: str, view: View, x: torch.Tensor) -> LaunchConfig:
+    problem = Problem(op, view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
+    cfg = choose_config(problem)
+    return cfg if cfg.regime == "split" else heuristic(problem, allow_resident=False)
+
+
+def local_stats(x: torch.Tensor) -> torch.Tensor:
+    """[3, C] (count, mean, m2) of this process's values of each channel, in
+    the statistics dtype; zeros for an empty input."""
+    acc = acc_dtype(x.dtype)
+    merged = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return merged
+    x, view, _ = plan(x)
+    cfg = _split_config("forward", view, x)
+    grid, n_per_split, s_per_split = _grid_split(view, cfg)
+    num_splits = grid[1] * grid[2]
+    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
+    kernels.bn_fwd_stats_kernel[grid](
+        x, partials, view.N, view.C, view.S, **_named_strides("x", _strides(x, view)),
+        n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+    _merge(partials, merged, None, None, None, None, None, None, 0.0, cfg.block_c)
+    return merged
+
+
+def _merge(partials, merged, save_mean, save_invstd, running_mean, running_var, num_batches_tracked,
+           momentum, eps, block_c: int) -> None:
+    """bn_fwd_merge_kernel: store the merged partials (merged given) or the
+    statistics and running-stat update (save_mean given)."""
+    channels, num_splits = partials.shape[2], partials.shape[1]
+    dummy = partials
+    momentum_hi, momentum_lo = _hi_lo(0.0 if momentum is None else momentum)
+    eps_hi, eps_lo = _hi_lo(eps)
+    update = running_mean is not None
+    kernels.bn_fwd_merge_kernel[(cdiv(channels, block_c),)](
+        partials, dummy if merged is None else merged,
+        dummy if save_mean is None else save_mean, dummy if save_invstd is None else save_invstd,
+        running_mean if update else dummy, running_var if update else dummy,
+        dummy if num_batches_tracked is None else num_batches_tracked,
+        channels, num_splits, momentum_hi, momentum_lo, eps_hi, eps_lo,
+        STORE_MERGED=merged is not None, STORE_STATS=save_mean is not None,
+        UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
+        SPLIT_BLOCK=_split_block(num_splits, block_c), BLOCK_C=block_c,
+        ACC_DTYPE=_ACC.get(partials.dtype, tl.float32))
+
+
+def forward_training_from_stats(x, stats, weight, bias, running_mean, running_var,
+                                num_batches_tracked, momentum: float | None, eps: float):
+    """forward_training with the statistics of ``stats`` [3, P, C] (count,
+    mean, m2 of every process) in place of x's own. Returns (y, save_mean,
+    save_invstd); an empty x still writes the statistics and running stats."""
+    acc = acc_dtype(x.dtype)
+    channels = x.shape[1]
+    running = [_dense(t) for t in (running_mean, running_var)]
+    if x.numel() == 0:
+        y = torch.empty_like(x, memory_format=output_format(x))
+        save_mean = torch.empty(channels, dtype=acc, device=x.device)
+        save_invstd = torch.empty(channels, dtype=acc, device=x.device)
+        _merge(stats, None, save_mean, save_invstd, *running, num_batches_tracked, momentum, eps,
+               block_c=min(next_power_of_2(channels), 128))
+        outputs = y, save_mean, save_invstd
+    else:
+        x, view, fmt = plan(x)
+        outputs = _launch_forward(x, view, fmt, _dense(weight), _dense(bias),
+                                  _split_config("forward", view, x), *running,
+                                  num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps,
+                                  partials=stats)
+    for buffer, updated in zip((running_mean, running_var), running):
+        if updated is not buffer:
+            buffer.copy_(updated)
+    return outputs
+
+
+def backward_local_sums(grad_out, x, save_mean, save_invstd) -> torch.Tensor:
+    """[2, C] (sum g, sum g * xhat) over this process's values; zeros for an empty x."""
+    sums = torch.zeros((2, x.shape[1]), dtype=acc_dtype(x.dtype), device=x.device)
+    if x.numel() == 0:
+        return sums
+    x, view, fmt = plan(x)
+    grad_out, g_strides = conform(grad_out, view, fmt)
+    cfg = _split_config("backward", view, x)
+    # dweight / dbias outputs in the statistics dtype are exactly the two sums
+    _launch_backward(grad_out, g_strides, x, view, fmt, None, _dense(save_mean), _dense(save_invstd),
+                     True, (False, True, True), sums.dtype, cfg, sums=sums)
+    return sums
+
+
+def backward_input_from_means(grad_out, x, weight, save_mean, save_invstd, means: torch.Tensor):
+    """grad_input of the training backward, given ``means`` [2, C] = (sum g,
+    sum g * xhat) / m over all processes' values."""
+    x, view, fmt = plan(x)
+    grad_out, g_strides = conform(grad_out, view, fmt)
+    cfg = _split_config("backward", view, x)
+    dx, _, _ = _launch_backward(grad_out, g_strides, x, view, fmt, _dense(weight), _dense(save_mean),
+                                _dense(save_invstd), True, (True, False, False), None, cfg,
+                                partials=means.view(2, 1, -1), count=1.0)
+    return dx
 
 
 def _named_strides(prefix: str, strides: tuple[int, int, int]) -> dict:

@@ -1,4 +1,5 @@
-"""Drop-in BatchNorm1d / 2d / 3d modules, and helpers to swap them into a model.
+"""Drop-in BatchNorm1d / 2d / 3d and SyncBatchNorm modules, and helpers to swap
+them into a model.
 
 Each class subclasses its torch.nn counterpart and overrides only ``forward``:
 constructor, parameters, buffers, state_dict (including the rule that loads
@@ -12,9 +13,13 @@ from __future__ import annotations
 import inspect
 import warnings
 
+import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import SyncBatchNormFunction
 from .functional import batch_norm_tracked
+from .ops import runs_triton
 
 # torch >= 2.13 has a keyword-only ``bias`` flag on BatchNorm; older releases do not.
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
@@ -79,7 +84,48 @@ class BatchNorm3d(_TritonBatchNorm, nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on tritonbn's kernels: input (N, C, D, H, W)."""
 
 
-_TO_TRITON = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm on tritonbn's kernels: in training under an
+    initialized torch.distributed group of more than one process, statistics
+    over all processes' batches (tritonbn/distributed.py); otherwise exactly
+    tritonbn's BatchNorm. Constructor, buffers, state_dict and errors are torch's."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        group, world_size = None, 1
+        if self.training and dist.is_available() and dist.is_initialized():
+            group = self.process_group or dist.group.WORLD
+            world_size = dist.get_world_size(group)
+        if world_size == 1:
+            return _TritonBatchNorm.forward(self, input)
+        return self._synchronized_forward(input, group, world_size)
+
+    # collectives and launches run eagerly: torch.compile breaks the graph here
+    @torch.compiler.disable
+    def _synchronized_forward(self, input: Tensor, group, world_size: int) -> Tensor:
+        if not runs_triton(input):
+            raise ValueError(f"tritonbn.SyncBatchNorm runs on CUDA tensors (or on CPU tensors with "
+                             f"TRITON_INTERPRET=1), got input on {input.device}")
+        momentum = 0.0 if self.momentum is None else self.momentum
+        running_mean = running_var = num_batches_tracked = None
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum  # None: cumulative average over num_batches_tracked
+            running_mean, running_var = self.running_mean, self.running_var
+            num_batches_tracked = self.num_batches_tracked
+        return SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean, running_var,
+                                           num_batches_tracked, momentum, self.eps, group, world_size)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """torch.nn.SyncBatchNorm.convert_sync_batchnorm (every BatchNorm*D becomes a
+        SyncBatchNorm with the same parameters and buffers), then tritonbn's."""
+        return convert_batchnorm(nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group))
+
+
+_TO_TRITON = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d,
+              nn.SyncBatchNorm: SyncBatchNorm}
 _TO_TORCH = {ours: theirs for theirs, ours in _TO_TRITON.items()}
 
 
@@ -92,7 +138,8 @@ def _swap_classes(model: nn.Module, mapping: dict) -> nn.Module:
 
 
 def convert_batchnorm(model: nn.Module) -> nn.Module:
-    """Make every torch.nn.BatchNorm1d / 2d / 3d in ``model`` a tritonbn one, in place.
+    """Make every torch.nn.BatchNorm1d / 2d / 3d / SyncBatchNorm in ``model`` a
+    tritonbn one, in place.
 
     Only modules of exactly those classes are converted: a user subclass may
     have its own forward and is left alone.
@@ -100,14 +147,12 @@ def convert_batchnorm(model: nn.Module) -> nn.Module:
     The modules keep their identity, parameters (same Parameter objects, so an
     optimizer built before still updates them), buffers, requires_grad,
     training flag, device, dtype and hooks; only their forward changes. Returns
-    ``model`` (deepcopy first to keep the original). torch.nn.SyncBatchNorm and
-    uninitialized lazy BatchNorm modules are left as they are, with a warning.
+    ``model`` (deepcopy first to keep the original). torch.nn.SyncBatchNorm
+    becomes tritonbn.SyncBatchNorm. Uninitialized lazy BatchNorm modules are
+    left as they are, with a warning.
     """
     for name, module in model.named_modules():
-        if isinstance(module, nn.SyncBatchNorm):
-            warnings.warn(f"convert_batchnorm: {name or 'model'} is a torch.nn.SyncBatchNorm; "
-                          f"tritonbn has no SyncBatchNorm yet, so it stays torch's", stacklevel=2)
-        elif isinstance(module, nn.modules.batchnorm._LazyNormBase):
+        if isinstance(module, nn.modules.batchnorm._LazyNormBase):
             warnings.warn(f"convert_batchnorm: {name or 'model'} is a lazy BatchNorm that has not "
                           f"seen an input yet; run one forward pass first to convert it", stacklevel=2)
     return _swap_classes(model, _TO_TRITON)

@@ -177,13 +177,15 @@ def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
                         num_warps=_num_warps(block_n * block_c * block_s))
 
 
-def heuristic(problem: Problem) -> LaunchConfig:
-    """A config from shape alone: no timing, no cache."""
+def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
+    """A config from shape alone: no timing, no cache. allow_resident=False:
+    the split regime (SyncBatchNorm merges split partials across processes)."""
+    allow_resident = allow_resident and problem.op != "inference"
     if problem.device.type != "cuda":  # the Triton interpreter
-        resident = _resident(problem, INTERPRETER_RESIDENT_LIMIT) if problem.op != "inference" else None
+        resident = _resident(problem, INTERPRETER_RESIDENT_LIMIT) if allow_resident else None
         return resident or _split(problem, INTERPRETER_TILE, target_programs=1)
     sms = _sm_count(problem.device.type, problem.device.index)
-    if problem.op != "inference":
+    if allow_resident:
         resident = _resident(problem, RESIDENT_LIMIT[problem.op])
         # one program per channel block is enough when that fills the GPU,
         # or when the whole problem is small enough that launches dominate
