@@ -152,3 +152,21 @@ def test_reduce_overhead_cuda_graphs():
     torch.testing.assert_close(losses_c, losses_e, atol=1e-4, rtol=1e-4)
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled_model.state_dict()[key], value, atol=1e-4, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_export(device, training):
+    """torch.export keeps tritonbn's forward op in the graph; the exported
+    program computes what the eager module does and, in training, updates its
+    running stats once per call, as eager does."""
+    model = _block(device).train(training)
+    x = torch.randn(2, 3, 6, 6, device=device)
+    eager = copy.deepcopy(model)
+    program = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert "tritonbn.batch_norm_forward.default" in targets
+    exported = program.module()
+    for _ in range(2):
+        torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(exported.get_buffer(f"1.{name}"), eager[1].get_buffer(name))

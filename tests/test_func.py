@@ -101,27 +101,32 @@ def test_vmap_training_with_batched_running_stats(device):
         _close(running_var[i], var_ref)
 
 
-def test_vmap_ensemble_of_models(device):
-    """torch.func.stack_module_state + vmap over functional_call: five BatchNorm2d
-    models with different parameters and buffers on one batch, as torch computes."""
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_vmap_ensemble_of_models(device, momentum, training):
+    """torch.func.stack_module_state + vmap over functional_call: three
+    BatchNorm2d models with different parameters and buffers, two steps, equal
+    to running torch's modules one by one. momentum=None works too (torch's own
+    module cannot run it under vmap: it calls float() on num_batches_tracked)."""
     x = torch.randn(4, 3, 2, 2, device=device, **F64)
 
-    def run(cls):
+    def models(cls):
         torch.manual_seed(0)
-        models = [cls(3, device=device, **F64) for _ in range(5)]
-        for model in models:
+        result = [cls(3, momentum=momentum, device=device, **F64).train(training) for _ in range(3)]
+        for model in result:
             torch.nn.init.uniform_(model.weight, 0.5, 1.5)
             torch.nn.init.normal_(model.bias)
-        params, buffers = torch.func.stack_module_state(models)
+            torch.nn.init.uniform_(model.running_var, 0.5, 1.5)
+        return result
 
-        def call(params, buffers):
-            return torch.func.functional_call(models[0], (params, buffers), (x,))
-        return torch.func.vmap(call)(params, buffers), buffers
-
-    (ours, ours_buffers), (theirs, theirs_buffers) = run(tritonbn.BatchNorm2d), run(torch.nn.BatchNorm2d)
-    _close(ours, theirs)
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        _close(ours_buffers[name], theirs_buffers[name])
+    ours = models(tritonbn.BatchNorm2d)
+    params, buffers = torch.func.stack_module_state(ours)
+    theirs = models(torch.nn.BatchNorm2d)
+    for _ in range(2):
+        y = torch.func.vmap(lambda p, b: torch.func.functional_call(ours[0], (p, b), (x,)))(params, buffers)
+        _close(y, torch.stack([model(x) for model in theirs]))
+    for name, stacked in buffers.items():
+        _close(stacked, torch.stack([model.get_buffer(name) for model in theirs]))
 
 
 def test_vmap_eval_and_unbatched_input(device):
