@@ -95,6 +95,17 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
         launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
+    elif op == "fused":  # batch_norm_relu with a residual: forward, inference, backward
+        residual = torch.empty_like(x)
+        nbt = torch.empty((), dtype=torch.long, device="meta")
+        y, mean, invstd = launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5,
+                                                  config=config, residual=residual, relu=True)
+        if config.regime == "split":
+            launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, residual=residual,
+                                     relu=True)
+        for training in (True, False):
+            launch.backward(torch.empty_like(x), x, weight, mean, invstd, training, (True, True, True),
+                            bias.dtype, config=config, output=y, residual_grad=True)
     elif op == "sync":  # SyncBatchNorm's launches (tritonbn/distributed.py), two processes' stats
         from tritonbn.autotune import override
         with override(forward=config, backward=config):

@@ -9,7 +9,10 @@ there is no weight) and m = N * S values per channel:
     eval:      dx = scale * g      (mean / invstd come from the running stats)
 
 xhat is recomputed from x and the saved per-channel mean / invstd; nothing of
-size N * C * S is saved by the forward.
+size N * C * S is saved by the forward. After a fused ReLU (RELU) g is dy where
+the forward's output y > 0 and 0 elsewhere (common.load_grad): the mask comes
+from y, which the next layer keeps anyway, and never from a stored
+pre-activation. With a fused residual that same g is its gradient (DR).
 
 resident  grid (cdiv(C, BLOCK_C),): x and dy of a channel block in registers,
           reduce, then dx. 2 reads, 1 write.
@@ -23,18 +26,21 @@ split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S). ``bn_bwd_sums_kernel``
 import triton
 import triton.language as tl
 
-from .common import load_channel, split_range, tile_offsets
+from .common import load_channel, load_grad, split_range, tile_offsets
 
 
 @triton.jit
 def bn_bwd_sums_kernel(
     X, DY,          # (N, C, S) input and output gradient
+    Y,              # (N, C, S) the forward's output, read when RELU
     Mean, Invstd,   # [C] saved by the forward
     Partials,       # [2, P, C] sum g, sum g * xhat per (split, channel)
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
+    stride_yn, stride_yc, stride_ys,
     n_per_split, s_per_split,
+    RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -55,10 +61,10 @@ def bn_bwd_sums_kernel(
         for s0 in range(s_start, s_end, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-            g_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                          stride_yn, stride_yc, stride_ys, RELU,
+                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
             acc_g += g
             acc_g_xmu += g * tl.where(mask, x - mean, 0.0)
     sum_g = tl.sum(tl.sum(acc_g, 2), 0)
@@ -88,6 +94,8 @@ def sum_partials(Partials, num_splits, C, cols, cmask,
 @triton.jit
 def bn_bwd_dx_kernel(
     X, DY, DX,          # (N, C, S) input, output gradient, input gradient
+    Y,                  # (N, C, S) the forward's output, read when RELU
+    DR,                 # (N, C, S) residual gradient, strides of DX, when STORE_DRESIDUAL
     Partials,           # [2, P, C] from bn_bwd_sums_kernel (unused without HAS_SUMS)
     Weight,             # [C] or dummy
     Mean, Invstd,       # [C] saved by the forward
@@ -96,11 +104,13 @@ def bn_bwd_dx_kernel(
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
     stride_dxn, stride_dxc, stride_dxs,
+    stride_yn, stride_yc, stride_ys,
     n_per_split, s_per_split,
     num_splits,         # P, the partials per channel (the dx grid may be smaller)
     count,              # m = N * S, as a float
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, HAS_SUMS: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    RELU: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -124,7 +134,7 @@ def bn_bwd_dx_kernel(
             if STORE_DBIAS:
                 tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
 
-    if COMPUTE_DX:
+    if COMPUTE_DX or STORE_DRESIDUAL:
         if TRAINING:
             inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
             # dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
@@ -136,32 +146,40 @@ def bn_bwd_dx_kernel(
         s_start, s_end = split_range(pid_s, s_per_split, S)
         for n0 in range(n_start, n_end, BLOCK_N):
             for s0 in range(s_start, s_end, BLOCK_S):
-                g_offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                                            BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
-                if TRAINING:
-                    offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-                    dx = scale * (g - g_shift) - (x - mean) * xmu_coef
-                else:
-                    dx = scale * g
+                _, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                              stride_yn, stride_yc, stride_ys, RELU,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
                 dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+                if STORE_DRESIDUAL:
+                    tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
+                if COMPUTE_DX:
+                    if TRAINING:
+                        offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                        dx = scale * (g - g_shift) - (x - mean) * xmu_coef
+                    else:
+                        dx = scale * g
+                    tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def bn_bwd_resident_kernel(
     X, DY, DX,          # (N, C, S) input, output gradient, input gradient
+    Y, DR,              # the forward's output (RELU), residual gradient (STORE_DRESIDUAL)
     Weight, Mean, Invstd,
     DWeight, DBias,
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
     stride_dxn, stride_dxc, stride_dxs,
+    stride_yn, stride_yc, stride_ys,
     HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    RELU: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -170,10 +188,13 @@ def bn_bwd_resident_kernel(
     cmask = cols < C
     offs, mask = tile_offsets(0, 0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-    g_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    g = load_grad(DY, Y, 0, 0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                  stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+    dx_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    if STORE_DRESIDUAL:
+        tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
     mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
     invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
     xhat = tl.where(mask, x - mean[None, :, None], 0.0) * invstd[None, :, None]
@@ -194,6 +215,4 @@ def bn_bwd_resident_kernel(
             dx = dx * scale[None, :, None]
         else:
             dx = g * scale[None, :, None]
-        dx_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
-                                  BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

@@ -46,6 +46,47 @@ def tile_offsets(
 
 
 @triton.jit
+def epilogue(
+    y, R, n0, s0, cols, cmask, mask, N, S,
+    stride_rn, stride_rc, stride_rs,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The fused variants' tail on a tile of y: + residual, then ReLU, before the
+    one rounding to the output dtype. A NaN passes the ReLU, as torch.relu's does."""
+    if HAS_RESIDUAL:
+        r_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_rn, stride_rc, stride_rs,
+                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+        y = y + tl.load(R + r_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        y = tl.where(y < 0.0, 0.0, y)
+    return y
+
+
+@triton.jit
+def load_grad(
+    DY, Y, n0, s0, cols, cmask, mask, N, S,
+    stride_gn, stride_gc, stride_gs,
+    stride_yn, stride_yc, stride_ys,
+    RELU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """A tile of dy; after a fused ReLU, the gradient that reaches the batch norm
+    (and the residual): dy where the forward's output y > 0, else 0."""
+    g_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+    g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+        y = tl.load(Y + y_offs, mask=mask, other=0.0)
+        g = tl.where(y > 0, g, 0.0)
+    return g
+
+
+@triton.jit
 def welford_update(count, mean, m2, x, mask):
     """Add one value per lane (where mask) to per-lane Welford accumulators."""
     count = count + mask.to(count.dtype)

@@ -1,5 +1,6 @@
 """Training-mode BatchNorm forward: per-channel batch statistics, then
-y = (x - mean) * scale + bias with scale = weight * invstd.
+y = (x - mean) * scale + bias with scale = weight * invstd; the fused variants
+add a residual and / or apply ReLU to y before storing it (common.epilogue).
 
 Two regimes over the canonical (N, C, S) view (see kernels/common.py), with
 m = N * S values per channel:
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    combine_double, load_channel, split_range, store_channel_stats, tile_offsets,
+    combine_double, epilogue, load_channel, split_range, store_channel_stats, tile_offsets,
     welford_combine, welford_merge, welford_update,
 )
 
@@ -97,6 +98,7 @@ def merge_partials(Partials, num_splits, C, cols, cmask,
 def bn_fwd_normalize_kernel(
     X,                  # (N, C, S) input
     Y,                  # (N, C, S) output, strides (stride_yn, stride_yc, stride_ys)
+    R,                  # (N, C, S) residual added before the ReLU, when HAS_RESIDUAL
     Partials,           # [3, P, C] from bn_fwd_stats_kernel
     Weight, Bias,       # [C] or dummies (HAS_WEIGHT / HAS_BIAS)
     RunningMean, RunningVar,    # [C], updated in place when UPDATE_RUNNING
@@ -105,11 +107,13 @@ def bn_fwd_normalize_kernel(
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
     n_per_split, s_per_split,
     num_splits,         # P = SPLIT_N * SPLIT_S, the grid's last two dims
     momentum_hi, momentum_lo, eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -145,7 +149,9 @@ def bn_fwd_normalize_kernel(
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            y = (x - mean) * scale + bias
+            y = epilogue((x - mean) * scale + bias, R, n0, s0, cols, cmask, mask, N, S,
+                         stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
+                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
             y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
@@ -154,15 +160,18 @@ def bn_fwd_normalize_kernel(
 @triton.jit
 def bn_fwd_resident_kernel(
     X, Y,               # (N, C, S) input and output
+    R,                  # (N, C, S) residual, when HAS_RESIDUAL
     Weight, Bias,       # [C] or dummies
     RunningMean, RunningVar, NumBatchesTracked,
     SaveMean, SaveInvstd,
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
     momentum_hi, momentum_lo, eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -188,6 +197,8 @@ def bn_fwd_resident_kernel(
     y = xmu * scale[None, :, None]
     if HAS_BIAS:
         y = y + load_channel(Bias, cols, cmask, ACC_DTYPE)[None, :, None]
+    y = epilogue(y, R, 0, 0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
+                 HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
     y_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -18,21 +18,24 @@ PyTorch's own folded CPU kernel does.
 import triton
 import triton.language as tl
 
-from .common import combine_double, load_channel, split_range, tile_offsets
+from .common import combine_double, epilogue, load_channel, split_range, tile_offsets
 
 
 @triton.jit
 def bn_inference_kernel(
     X, Y,                       # (N, C, S) input and output
+    R,                          # (N, C, S) residual, when HAS_RESIDUAL
     Weight, Bias,               # [C] or dummies
     RunningMean, RunningVar,    # [C]
     SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
     n_per_split, s_per_split,
     eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -67,4 +70,7 @@ def bn_inference_kernel(
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-            tl.store(Y + y_offs, (x * scale + shift).to(Y.dtype.element_ty), mask=mask)
+            y = epilogue(x * scale + shift, R, n0, s0, cols, cmask, mask, N, S,
+                         stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
+                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

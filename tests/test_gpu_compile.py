@@ -26,6 +26,8 @@ SCRIPT = textwrap.dedent("""
                 for config in ((r, split) if op != "inference" else (split,)):
                     problems.append((op, shape, dtype, channels_last, config))
             problems.append(("sync", shape, dtype, channels_last, split))
+            if len(shape) == 4:  # the fused epilogue's variants, both layouts and regimes
+                problems += [("fused", shape, dtype, channels_last, config) for config in (r, split)]
     for op in ("forward", "backward", "inference"):  # 2.2e9 elements: int64 offsets
         problems.append((op, (1, 2, 1_100_000_000), torch.float16, False, split))
     rows = compile_variants(record_launches(problems), 90)

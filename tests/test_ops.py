@@ -16,25 +16,34 @@ def _forward_args(device, training, dtype=torch.float32, track=True, affine=True
     params = [torch.randn(3, device=device, dtype=dtype) for _ in range(2)] if affine else [None, None]
     running = [torch.zeros(3, device=device, dtype=dtype), torch.ones(3, device=device, dtype=dtype)] \
         if track else [None, None]
-    return (x, *params, *running, None, training, 0.1, 1e-5)
+    return (x, *params, *running, None, training, 0.1, 1e-5, None, False)
 
 
-@pytest.mark.parametrize("training,track,affine", [
-    (True, True, True), (True, False, False), (False, True, True), (False, True, False)])
-def test_opcheck_forward(device, training, track, affine):
-    torch.library.opcheck(torch.ops.tritonbn.batch_norm_forward.default,
-                          _forward_args(device, training, track=track, affine=affine))
+@pytest.mark.parametrize("training,track,affine,fused", [
+    (True, True, True, False), (True, False, False, False), (False, True, True, False),
+    (False, True, False, False), (True, True, True, True), (False, True, True, True)])
+def test_opcheck_forward(device, training, track, affine, fused):
+    args = _forward_args(device, training, track=track, affine=affine)
+    if fused:  # relu(bn(x) + residual)
+        args = (*args[:-2], torch.randn_like(args[0]), True)
+    torch.library.opcheck(torch.ops.tritonbn.batch_norm_forward.default, args)
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mask", [[True, True, True], [False, True, False], [True, False, False]])
+@pytest.mark.parametrize("mask", [[True, True, True, False], [False, True, False, False],
+                                  [True, False, False, False], [True, True, True, True]])
 def test_opcheck_backward(device, training, mask):
+    """The last mask entry asks for the residual's gradient after a fused ReLU."""
+    fused = mask[3]
     x, w, b, rm, rv, *_ = _forward_args(device, training)
-    _, mean, invstd = torch.ops.tritonbn.batch_norm_forward(x, w, b, rm, rv, None, training, 0.1, 1e-5)
+    residual = torch.randn_like(x) if fused else None
+    y, mean, invstd = torch.ops.tritonbn.batch_norm_forward(x, w, b, rm, rv, None, training, 0.1, 1e-5,
+                                                            residual, fused)
     # inputs that require grad: opcheck then checks the double backward's registration too
     grad_out, x, w = (t.detach().requires_grad_() for t in (torch.randn_like(x), x, w))
     torch.library.opcheck(torch.ops.tritonbn.batch_norm_backward.default,
-                          (grad_out, x, w, mean, invstd, training, mask, b.dtype, 1e-5))
+                          (grad_out, x, w, mean, invstd, training, mask, b.dtype, 1e-5,
+                           y if fused else None))
 
 
 def test_fake_outputs_match_real_ones(device):
@@ -46,7 +55,7 @@ def test_fake_outputs_match_real_ones(device):
               torch.randn(4, 3, 5, 6, device=device)[:, :, ::2].double()):
         params = dict(dtype=torch.float32 if x.dtype == torch.float16 else x.dtype, device=device)
         args = (x, torch.ones(3, **params), None, torch.zeros(3, **params), torch.ones(3, **params),
-                None, True, 0.1, 1e-5)
+                None, True, 0.1, 1e-5, torch.randn_like(x), True)
         real = torch.ops.tritonbn.batch_norm_forward(*args)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = torch.ops.tritonbn.batch_norm_forward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor)

@@ -29,12 +29,12 @@ _map_checkout_folders()
 __version__ = "0.1.0"
 
 from . import functional, ops  # noqa: E402  (ops registers the torch.library ops)
-from .functional import batch_norm  # noqa: E402
+from .functional import batch_norm, batch_norm_relu  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_batchnorm, revert_batchnorm,
 )
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "convert_batchnorm",
-    "functional", "ops", "revert_batchnorm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_relu",
+    "convert_batchnorm", "functional", "ops", "revert_batchnorm",
 ]

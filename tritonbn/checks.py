@@ -68,3 +68,18 @@ def _check_dtypes(input_dtype: torch.dtype, params: dict) -> None:
         allowed += " or all torch.float32"
     raise RuntimeError(f"dtype mismatch: input is {input_dtype} but {found}; "
                        f"weight, bias, running_mean and running_var must be {allowed}")
+
+
+def check_residual(input: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """The fused residual is added elementwise: the input's shape, dtype and device."""
+    if residual is None:
+        return
+    if residual.shape != input.shape:
+        raise RuntimeError(f"residual must have the input's shape {tuple(input.shape)}, "
+                           f"got {tuple(residual.shape)}")
+    if residual.dtype != input.dtype:
+        raise RuntimeError(f"dtype mismatch: input is {input.dtype} but residual is {residual.dtype}; "
+                           f"the residual must have the input's dtype")
+    if residual.device != input.device:
+        raise RuntimeError(f"residual is on {residual.device} but input is on {input.device}; "
+                           f"all tensors must be on the same device")

@@ -23,14 +23,19 @@ def _per_channel(t: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def backward_formula(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], save_mean: Tensor,
-                     save_invstd: Tensor, training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) as differentiable torch ops, in the
-    statistics dtype: what the double backward differentiates. In training the
-    batch mean and invstd are rebuilt from input, since they depend on it
-    (save_mean / save_invstd are then unused); in eval they are constants."""
+                     save_invstd: Tensor, training: bool, eps: float, output: Optional[Tensor] = None,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual) as differentiable
+    torch ops, in the statistics dtype: what the double backward differentiates.
+    In training the batch mean and invstd are rebuilt from input, since they
+    depend on it (save_mean / save_invstd are then unused); in eval they are
+    constants. output: the forward's y after a fused ReLU, whose sign masks
+    grad_out (the gradient that reaches the batch norm and the residual)."""
     acc, dims = save_invstd.dtype, _channel_dims(input)
     per_channel = functools.partial(_per_channel, like=input, dtype=acc)
     x, g = input.to(acc), grad_out.to(acc)
+    if output is not None:
+        g = torch.where(output > 0, g, 0.0)
     if training:
         var, mean = torch.var_mean(x, dims, correction=0)
         invstd = torch.rsqrt(var + eps)
@@ -45,16 +50,18 @@ def backward_formula(grad_out: Tensor, input: Tensor, weight: Optional[Tensor], 
         grad_input = scale * (g - per_channel(grad_bias) / m - xhat * per_channel(grad_weight) / m)
     else:
         grad_input = scale * g
-    return grad_input, grad_weight, grad_bias
+    return grad_input, grad_weight, grad_bias, g
 
 
 def output_tangent(input: Tensor, weight: Optional[Tensor], save_mean: Tensor, save_invstd: Tensor,
                    training: bool, input_t: Optional[Tensor], weight_t: Optional[Tensor],
-                   bias_t: Optional[Tensor]) -> Tensor:
+                   bias_t: Optional[Tensor], residual_t: Optional[Tensor] = None,
+                   output: Optional[Tensor] = None) -> Tensor:
     """Forward-mode derivative of y, in the statistics dtype:
-    y_t = weight * xhat_t + weight_t * xhat + bias_t, where in training
-    xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)) (the batch
-    statistics move with x) and in eval xhat_t = invstd * x_t."""
+    y_t = weight * xhat_t + weight_t * xhat + bias_t (+ residual_t), where in
+    training xhat_t = invstd * (x_t - mean(x_t) - xhat * mean(x_t * xhat)) (the
+    batch statistics move with x) and in eval xhat_t = invstd * x_t; after a
+    fused ReLU, zero where its output is not positive."""
     acc, dims = save_invstd.dtype, _channel_dims(input)
     per_channel = functools.partial(_per_channel, like=input, dtype=acc)
     xhat = (input.to(acc) - per_channel(save_mean)) * per_channel(save_invstd)
@@ -68,4 +75,8 @@ def output_tangent(input: Tensor, weight: Optional[Tensor], save_mean: Tensor, s
         y_t = y_t + per_channel(weight_t) * xhat
     if bias_t is not None:
         y_t = y_t + per_channel(bias_t)
+    if residual_t is not None:
+        y_t = y_t + residual_t.to(acc)
+    if output is not None:
+        y_t = torch.where(output > 0, y_t, 0.0)
     return y_t

@@ -3,7 +3,8 @@ Triton kernels do not run on: CPU tensors when the Triton interpreter is off,
 and devices without a Triton backend.
 
 Same signatures and results as tritonbn.launch: (y, save_mean, save_invstd)
-forward, (dx, dweight, dbias) backward, running stats updated in place.
+forward, (dx, dweight, dbias, dresidual) backward, running stats updated in
+place; the fused tail (+ residual, ReLU) in torch ops after the batch norm.
 """
 from __future__ import annotations
 
@@ -16,25 +17,43 @@ def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
+def _epilogue(y, residual, relu: bool):
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
 def forward_training(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                     momentum: float | None, eps: float):
+                     momentum: float | None, eps: float, *, residual=None, relu: bool = False):
     if momentum is None:  # cumulative average; the value is on the device, read it here
         momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     y, save_mean, save_invstd = torch.native_batch_norm(
         x, weight, bias, running_mean, running_var, True, momentum, eps)
-    return y, save_mean.to(acc_dtype(x.dtype)), save_invstd.to(acc_dtype(x.dtype))
+    return (_epilogue(y, residual, relu), save_mean.to(acc_dtype(x.dtype)),
+            save_invstd.to(acc_dtype(x.dtype)))
 
 
-def forward_inference(x, weight, bias, running_mean, running_var, eps: float):
+def forward_inference(x, weight, bias, running_mean, running_var, eps: float, *, residual=None,
+                      relu: bool = False):
     y = torch.native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps)[0]
     acc = acc_dtype(x.dtype)
     save_mean = running_mean.to(acc, copy=True)
     save_invstd = torch.rsqrt(running_var.to(acc) + eps)
-    return y, save_mean, save_invstd
+    return _epilogue(y, residual, relu), save_mean, save_invstd
 
 
 def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
-             output_mask, bias_dtype: torch.dtype | None = None):
+             output_mask, bias_dtype: torch.dtype | None = None, *, output=None,
+             residual_grad: bool = False):
+    if output is not None:  # after a fused ReLU
+        grad_out = torch.where(output > 0, grad_out, 0)
+    dr = grad_out.clone(memory_format=output_format(x)) if residual_grad else None
+    return (*_batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, output_mask,
+                                  bias_dtype), dr)
+
+
+def _batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
+                         output_mask, bias_dtype: torch.dtype | None):
     need_dx, need_dw, need_db = output_mask
     need_dw = need_dw and weight is not None
     need_db = need_db and bias_dtype is not None

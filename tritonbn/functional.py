@@ -1,4 +1,5 @@
-"""Functional API mirroring torch.nn.functional.batch_norm."""
+"""Functional API mirroring torch.nn.functional.batch_norm, plus the fused
+batch_norm_relu (with an optional residual)."""
 from __future__ import annotations
 
 import torch
@@ -40,6 +41,30 @@ def batch_norm(
                               momentum, eps)
 
 
+def batch_norm_relu(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """``relu(batch_norm(input, ...) + residual)`` (residual optional) in one
+    pass: the epilogue of a ResNet block. Arguments and running-stat updates as
+    batch_norm; residual has the input's shape, dtype and device.
+
+    Saves memory traffic (no intermediate tensors, and the backward masks with
+    the output, which the next layer keeps anyway) and rounds once to the
+    output dtype, so half-precision results can differ from the unfused chain
+    by a unit in the last place.
+    """
+    return batch_norm_tracked(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                              residual=residual, relu=True)
+
+
 def batch_norm_tracked(
     input: Tensor,
     running_mean: Tensor | None,
@@ -50,6 +75,9 @@ def batch_norm_tracked(
     momentum: float | None = 0.1,
     eps: float = 1e-5,
     num_batches_tracked: Tensor | None = None,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = False,
 ) -> Tensor:
     """batch_norm, plus momentum=None: a cumulative moving average with
     momentum = 1 / num_batches_tracked, read on the device (no host sync and
@@ -63,5 +91,5 @@ def batch_norm_tracked(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     function = BatchNormFunction if torch.compiler.is_compiling() else EagerBatchNormFunction
     y, _, _ = function.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                             training, momentum, eps)
+                             training, momentum, eps, residual, relu)
     return y

@@ -168,16 +168,28 @@ def _meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor
                 ACC_DTYPE=_ACC.get(x.dtype, tl.float32), num_warps=cfg.num_warps)
 
 
+def _residual(residual: torch.Tensor | None, view: View, fmt) -> dict:
+    """Launch arguments of the fused tail: the residual read through the view
+    (copied if its layout differs from x's), or a dummy; strides named stride_r*."""
+    if residual is None:
+        return dict(residual=None, r_strides=(0, 0, 0))
+    residual, strides = conform(residual, view, fmt)
+    return dict(residual=residual, r_strides=strides)
+
+
 def forward_training(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                     momentum: float | None, eps: float, config: LaunchConfig | None = None):
+                     momentum: float | None, eps: float, config: LaunchConfig | None = None, *,
+                     residual: torch.Tensor | None = None, relu: bool = False):
     """Batch statistics, normalize, update running stats in place.
 
     momentum=None means a cumulative average: momentum = 1 / num_batches_tracked,
-    read on the device. Returns (y, save_mean, save_invstd).
+    read on the device. Fused tail: y = relu(bn(x) + residual) with either part
+    optional. Returns (y, save_mean, save_invstd).
     """
     x, view, fmt = plan(x)
     launch = functools.partial(_launch_forward, x, view, fmt, _dense(weight), _dense(bias),
-                               num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps)
+                               num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps,
+                               relu=relu, **_residual(residual, view, fmt))
 
     @functools.cache
     def scratch_running_stats():
@@ -196,7 +208,8 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
 
 
 def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running_mean, running_var,
-                    *, num_batches_tracked, momentum, eps, partials=None):
+                    *, num_batches_tracked, momentum, eps, partials=None, residual=None,
+                    r_strides=(0, 0, 0), relu=False):
     """partials given (split regime): statistics merged from them rather than from x."""
     y = torch.empty_like(x, memory_format=fmt)
     acc = acc_dtype(x.dtype)
@@ -217,7 +230,8 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
         momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
-        **_meta(view, cfg, x, y),
+        **_epilogue_args(residual, r_strides, relu, x),
+        **_meta(view, cfg, x, y, *([] if residual is None else [residual])),
     )
     if cfg.regime == "resident":
         kernels.bn_fwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, y, **args)
@@ -231,24 +245,26 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
             n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
     num_splits = partials.shape[1]
     kernels.bn_fwd_normalize_kernel[grid](
-        x, y, partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
+        x, y, Partials=partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
         SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
     return y, save_mean, save_invstd
 
 
 def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
-                      config: LaunchConfig | None = None):
-    """y = x * scale + shift from the running stats. Returns (y, mean, invstd)
-    with mean = running_mean and invstd = 1 / sqrt(running_var + eps) in the
-    statistics dtype, for the eval-mode backward."""
+                      config: LaunchConfig | None = None, *, residual: torch.Tensor | None = None,
+                      relu: bool = False):
+    """y = x * scale + shift from the running stats (then + residual, ReLU).
+    Returns (y, mean, invstd) with mean = running_mean and invstd =
+    1 / sqrt(running_var + eps) in the statistics dtype, for the eval-mode backward."""
     x, view, fmt = plan(x)
     launch = functools.partial(_launch_inference, x, view, fmt, _dense(weight), _dense(bias),
-                               _dense(running_mean), _dense(running_var), eps)
+                               _dense(running_mean), _dense(running_var), eps, relu=relu,
+                               **_residual(residual, view, fmt))
     return launch(_config("inference", view, x, config, launch))
 
 
 def _launch_inference(x, view: View, fmt, weight, bias, running_mean, running_var, eps,
-                      cfg: LaunchConfig):
+                      cfg: LaunchConfig, *, residual=None, r_strides=(0, 0, 0), relu=False):
     y = torch.empty_like(x, memory_format=fmt)
     acc = acc_dtype(x.dtype)
     save_mean = torch.empty(view.C, dtype=acc, device=x.device)
@@ -256,78 +272,92 @@ def _launch_inference(x, view: View, fmt, weight, bias, running_mean, running_va
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
     eps_hi, eps_lo = _hi_lo(eps)
     kernels.bn_inference_kernel[grid](
-        x, y, save_mean if weight is None else weight, save_mean if bias is None else bias,
-        running_mean, running_var, save_mean, save_invstd,
-        view.N, view.C, view.S,
+        x, y, Weight=save_mean if weight is None else weight, Bias=save_mean if bias is None else bias,
+        RunningMean=running_mean, RunningVar=running_var, SaveMean=save_mean, SaveInvstd=save_invstd,
+        N=view.N, C=view.C, S=view.S,
         **_named_strides("x", _strides(x, view)), **_named_strides("y", _strides(y, view)),
         n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **_meta(view, cfg, x, y))
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        **_epilogue_args(residual, r_strides, relu, x),
+        **_meta(view, cfg, x, y, *([] if residual is None else [residual])))
     return y, save_mean, save_invstd
 
 
 def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
              output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None,
-             config: LaunchConfig | None = None):
-    """(grad_input, grad_weight, grad_bias); an entry is None where output_mask
-    is False, where there is no weight (grad_weight) or no bias (bias_dtype None)."""
+             config: LaunchConfig | None = None, *, output: torch.Tensor | None = None,
+             residual_grad: bool = False):
+    """(grad_input, grad_weight, grad_bias, grad_residual); an entry is None where
+    output_mask is False, where there is no weight (grad_weight) or no bias
+    (bias_dtype None). After a fused ReLU, ``output`` is the forward's y, whose
+    sign masks grad_out; residual_grad asks for the residual's gradient, that
+    masked grad_out."""
     need_dx, need_dw, need_db = output_mask
     need_dw = need_dw and weight is not None
     need_db = need_db and bias_dtype is not None
-    if not (need_dx or need_dw or need_db):
-        return None, None, None
+    if not (need_dx or need_dw or need_db or residual_grad):
+        return None, None, None, None
     x, view, fmt = plan(x)
     grad_out, g_strides = conform(grad_out, view, fmt)
+    output, y_strides = conform(output, view, fmt) if output is not None else (None, (0, 0, 0))
     launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, _dense(weight),
                                _dense(save_mean), _dense(save_invstd), training, (need_dx, need_dw, need_db),
-                               bias_dtype)
+                               bias_dtype, output=output, y_strides=y_strides, residual_grad=residual_grad)
     return launch(_config("backward", view, x, config, launch))
 
 
 def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean, save_invstd,
                      training, output_mask, bias_dtype, cfg: LaunchConfig, *, sums=None,
-                     partials=None, count=None):
+                     partials=None, count=None, output=None, y_strides=(0, 0, 0), residual_grad=False):
     """SyncBatchNorm's uses (split regime): sums [2, C] given: write (sum g,
     sum g * xhat) there as dbias / dweight; partials [2, P, C] and count given:
     dx from those sums instead of x's own."""
     need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
+    dr = torch.empty_like(x, memory_format=fmt) if residual_grad else None
     if sums is not None:
         db, dw = sums[0], sums[1]
     else:
         dw = torch.empty(view.C, dtype=weight.dtype, device=x.device) if need_dw else None
         db = torch.empty(view.C, dtype=bias_dtype, device=x.device) if need_db else None
     dummy = save_mean
-    dx_ = dx if dx is not None else x
-    input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides))
+    # dx and dr are allocated alike, so dr uses dx's strides
+    dx_ = dx if dx is not None else (dr if dr is not None else x)
+    input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
+                         **_named_strides("y", y_strides))
+    relu = output is not None
     args = dict(
+        Y=output if relu else x, DR=dr if residual_grad else dx_,
         Weight=dummy if weight is None else weight, Mean=save_mean, Invstd=save_invstd,
         DWeight=dw if need_dw else dummy, DBias=db if need_db else dummy,
         N=view.N, C=view.C, S=view.S, **input_strides,
         **_named_strides("dx", _strides(dx_, view)),
         HAS_WEIGHT=weight is not None, TRAINING=training,
         STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
-        **_meta(view, cfg, x, grad_out, dx_),
+        RELU=relu, STORE_DRESIDUAL=residual_grad,
+        **_meta(view, cfg, x, grad_out, dx_, *([output] if relu else [])),
     )
     if cfg.regime == "resident":
         kernels.bn_bwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, grad_out, dx_, **args)
-        return dx, dw, db
+        return dx, dw, db, dr
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
     has_sums = training or need_dw or need_db
     if partials is None and has_sums:
         partials = torch.empty((2, grid[1] * grid[2], view.C), dtype=acc_dtype(x.dtype), device=x.device)
         kernels.bn_bwd_sums_kernel[grid](
-            x, grad_out, save_mean, save_invstd, partials, view.N, view.C, view.S, **input_strides,
-            n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x, grad_out))
+            x, grad_out, args["Y"], save_mean, save_invstd, partials, view.N, view.C, view.S,
+            **input_strides, n_per_split=n_per_split, s_per_split=s_per_split, RELU=relu,
+            **_meta(view, cfg, x, grad_out, *([output] if relu else [])))
     num_splits = 1 if partials is None else partials.shape[1]
-    # without dx, one program per channel block is enough to merge the sums
-    dx_grid = grid if need_dx else (grid[0], 1, 1)
+    # without elementwise outputs, one program per channel block is enough to merge the sums
+    dx_grid = grid if need_dx or residual_grad else (grid[0], 1, 1)
     kernels.bn_bwd_dx_kernel[dx_grid](
-        x, grad_out, dx_, dummy if partials is None else partials,
+        x, grad_out, dx_, Partials=dummy if partials is None else partials,
         n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
         count=float(view.N * view.S) if count is None else count, HAS_SUMS=has_sums,
         SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
-    return dx, dw, db
+    return dx, dw, db, dr
 
 
 # SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
@@ -427,10 +457,15 @@ def backward_input_from_means(grad_out, x, weight, save_mean, save_invstd, means
     x, view, fmt = plan(x)
     grad_out, g_strides = conform(grad_out, view, fmt)
     cfg = _split_config("backward", view, x)
-    dx, _, _ = _launch_backward(grad_out, g_strides, x, view, fmt, _dense(weight), _dense(save_mean),
+    dx, _, _, _ = _launch_backward(grad_out, g_strides, x, view, fmt, _dense(weight), _dense(save_mean),
                                 _dense(save_invstd), True, (True, False, False), None, cfg,
                                 partials=means.view(2, 1, -1), count=1.0)
     return dx
+
+
+def _epilogue_args(residual, r_strides, relu: bool, x: torch.Tensor) -> dict:
+    return dict(R=x if residual is None else residual, **_named_strides("r", r_strides),
+                HAS_RESIDUAL=residual is not None, RELU=relu)
 
 
 def _named_strides(prefix: str, strides: tuple[int, int, int]) -> dict:

@@ -16,6 +16,7 @@ PyTorch's batch_norm too.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import derivatives, fallback, kernels, launch
-from .checks import check_inputs
+from .checks import check_inputs, check_residual
 
 
 def runs_triton(t: Tensor) -> bool:
@@ -47,20 +48,25 @@ def _forward(
     training: bool,
     momentum: Optional[float],
     eps: float,
+    residual: Optional[Tensor],
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, save_mean, save_invstd). Training: batch statistics, running stats
     updated in place when given (momentum=None: cumulative average over
     num_batches_tracked). Eval: running statistics; save_mean / save_invstd
-    are then running_mean and 1 / sqrt(running_var + eps)."""
+    are then running_mean and 1 / sqrt(running_var + eps). Fused tail:
+    y = relu(bn(x) + residual), each part optional."""
     check_inputs(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum)
+    check_residual(input, residual)
     if input.numel() == 0:  # empty batch: empty output, running stats untouched
         return (torch.empty_like(input, memory_format=launch.output_format(input)),
                 *_empty_stats(input))
     impl = launch if runs_triton(input) else fallback
     if training:
         return impl.forward_training(input, weight, bias, running_mean, running_var,
-                                     num_batches_tracked, momentum, eps)
-    return impl.forward_inference(input, weight, bias, running_mean, running_var, eps)
+                                     num_batches_tracked, momentum, eps, residual=residual, relu=relu)
+    return impl.forward_inference(input, weight, bias, running_mean, running_var, eps,
+                                  residual=residual, relu=relu)
 
 
 batch_norm_forward = torch.library.custom_op(
@@ -68,8 +74,10 @@ batch_norm_forward = torch.library.custom_op(
 
 
 @batch_norm_forward.register_fake
-def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+      residual, relu):
     check_inputs(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum)
+    check_residual(input, residual)
     y = torch.empty_like(input, memory_format=launch.output_format(input))
     acc = launch.acc_dtype(input.dtype)
     return y, input.new_empty((input.shape[1],), dtype=acc), input.new_empty((input.shape[1],), dtype=acc)
@@ -85,22 +93,27 @@ def _backward(
     output_mask: list[bool],
     bias_dtype: Optional[torch.dtype],
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias). A gradient not asked for in
-    output_mask, or with no parameter to go to, comes back as an empty tensor.
-    eps is not needed here; the double backward rebuilds invstd from x with it."""
-    need_dx, need_dw, need_db = output_mask
+    output: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual), asked for by the four
+    entries of output_mask; one not asked for, or with no parameter to go to,
+    comes back as an empty tensor. ``output`` is the forward's y after a fused
+    ReLU (its sign masks grad_out), else None. eps is not needed here; the
+    double backward rebuilds invstd from x with it."""
+    need_dx, need_dw, need_db, need_dr = output_mask
     if input.numel() == 0:
-        dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx else None
+        empty = functools.partial(torch.empty_like, input, memory_format=launch.output_format(input))
+        dx = empty() if need_dx else None
         dw = weight.new_zeros(weight.shape) if need_dw and weight is not None else None
         db = input.new_zeros((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype else None
+        dr = empty() if need_dr else None
     else:
         impl = launch if runs_triton(input) else fallback
-        dx, dw, db = impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
-                                   (need_dx, need_dw, need_db), bias_dtype)
+        dx, dw, db, dr = impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
+                                       (need_dx, need_dw, need_db), bias_dtype, output=output,
+                                       residual_grad=need_dr)
     placeholder = input.new_empty((0,))
-    return (placeholder if dx is None else dx, placeholder.clone() if dw is None else dw,
-            placeholder.clone() if db is None else db)
+    return tuple(placeholder.clone() if t is None else t for t in (dx, dw, db, dr))
 
 
 batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _backward,
@@ -108,40 +121,45 @@ batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps):
-    need_dx, need_dw, need_db = output_mask
-    dx = torch.empty_like(input, memory_format=launch.output_format(input)) if need_dx \
-        else input.new_empty((0,))
+def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps, output):
+    need_dx, need_dw, need_db, need_dr = output_mask
+    like_input = functools.partial(torch.empty_like, input, memory_format=launch.output_format(input))
+    dx = like_input() if need_dx else input.new_empty((0,))
     dw = weight.new_empty(weight.shape) if need_dw and weight is not None else input.new_empty((0,))
     db = input.new_empty((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype is not None \
         else input.new_empty((0,))
-    return dx, dw, db
+    return dx, dw, db, like_input() if need_dr else input.new_empty((0,))
 
 
-def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps):
+def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps,
+                   output):
     """_backward's results (None where not asked) from derivatives.backward_formula."""
     if input.numel() == 0:
-        return _backward(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
-                         bias_dtype, eps)
-    dx, dw, db = derivatives.backward_formula(grad_out, input, weight, save_mean, save_invstd, training, eps)
+        grads = _backward(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
+                          bias_dtype, eps, output)
+        return tuple(g if asked else None for g, asked in zip(grads, output_mask))
+    dx, dw, db, dr = derivatives.backward_formula(grad_out, input, weight, save_mean, save_invstd,
+                                                  training, eps, output)
     return (dx.to(input.dtype) if output_mask[0] else None,
             dw.to(weight.dtype) if output_mask[1] and weight is not None else None,
-            db.to(bias_dtype) if output_mask[2] and bias_dtype is not None else None)
+            db.to(bias_dtype) if output_mask[2] and bias_dtype is not None else None,
+            dr.to(input.dtype) if output_mask[3] else None)
 
 
 def _setup_double_backward(ctx, inputs, output):
-    grad_out, input, weight, save_mean, save_invstd, training, output_mask, _, eps = inputs
-    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd)
+    grad_out, input, weight, save_mean, save_invstd, training, output_mask, _, eps, y = inputs
+    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd, y)
     ctx.training, ctx.output_mask, ctx.eps = training, output_mask, eps
 
 
-def _double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
-    """Gradients of (grad_input, grad_weight, grad_bias) with respect to
-    grad_out, input and weight: a vector-Jacobian product of derivatives.backward_formula.
-    torch.func.vjp takes partial derivatives (grad_out depends on input through
-    the loss, and the outer autograd adds that path), and what it returns is
-    differentiable, so a third derivative works too."""
-    grad_out, input, weight, save_mean, save_invstd = ctx.saved_tensors
+def _double_backward(ctx, *grad_grads):
+    """Gradients of (grad_input, grad_weight, grad_bias, grad_residual) with
+    respect to grad_out, input and weight: a vector-Jacobian product of
+    derivatives.backward_formula. torch.func.vjp takes partial derivatives
+    (grad_out depends on input through the loss, and the outer autograd adds
+    that path), and what it returns is differentiable, so a third derivative
+    works too. A fused ReLU's mask is piecewise constant: no gradient to y."""
+    grad_out, input, weight, save_mean, save_invstd, y = ctx.saved_tensors
     primals = (grad_out, input, weight)
     wanted = [i for i, (t, need) in enumerate(zip(primals, ctx.needs_input_grad[:3]))
               if need and t is not None]
@@ -153,16 +171,15 @@ def _double_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
             args = list(primals)
             for i, t in zip(wanted, differentiated):
                 args[i] = t
-            return derivatives.backward_formula(*args, save_mean, save_invstd, ctx.training, ctx.eps)
+            return derivatives.backward_formula(*args, save_mean, save_invstd, ctx.training, ctx.eps, y)
 
         outputs, vjp = torch.func.vjp(formula, *(primals[i] for i in wanted))
         cotangents = tuple(
             grad.to(out.dtype) if asked and grad is not None and grad.numel() else torch.zeros_like(out)
-            for out, grad, asked in zip(outputs, (grad_grad_input, grad_grad_weight, grad_grad_bias),
-                                        ctx.output_mask))
+            for out, grad, asked in zip(outputs, grad_grads, ctx.output_mask))
         for i, grad in zip(wanted, vjp(cotangents)):
             grads[i] = grad
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("tritonbn::batch_norm_backward", _double_backward,
@@ -195,16 +212,17 @@ def _mark_updated(*tensors: Tensor | None) -> None:
 class BatchNormFunction(torch.autograd.Function):
     """Forward and backward ops tied for autograd. apply returns (y, save_mean,
     save_invstd), the statistics not differentiable; backward saves only (x,
-    weight, save_mean, save_invstd) and routes gradients to what requires them.
-    forward and setup_context are separate so torch.func.grad / jacrev work.
-    What torch.compile traces; eager calls EagerBatchNormFunction."""
+    weight, save_mean, save_invstd, and y after a fused ReLU) and routes
+    gradients to what requires them. forward and setup_context are separate so
+    torch.func.grad / jacrev work. What torch.compile traces; eager calls
+    EagerBatchNormFunction."""
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                training, momentum, eps):
+                training, momentum, eps, residual, relu):
         args = (input, weight, bias, running_mean, running_var, num_batches_tracked,
-                training, momentum, eps)
-        if _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked):
+                training, momentum, eps, residual, relu)
+        if _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
             outputs = _forward(*args)
             if training:
                 _mark_updated(running_mean, running_var)
@@ -213,32 +231,38 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, *_, training, _, eps = inputs
-        _, save_mean, save_invstd = output
+        input, weight, bias, *_, training, _, eps, residual, relu = inputs
+        y, save_mean, save_invstd = output
         ctx.mark_non_differentiable(save_mean, save_invstd)
-        ctx.save_for_backward(input, weight, save_mean, save_invstd)
-        ctx.save_for_forward(input, weight, save_mean, save_invstd)
+        saved = (input, weight, save_mean, save_invstd, y if relu else None)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
         ctx.training, ctx.eps = training, eps
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):
-        input, weight, save_mean, save_invstd = ctx.saved_tensors
-        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-        grads = (None, None, None)
+        input, weight, save_mean, save_invstd, y = ctx.saved_tensors
+        need_residual = ctx.needs_input_grad[9]
+        # without a ReLU the residual's gradient is grad_out itself: no kernel writes it
+        mask = [bool(m) for m in ctx.needs_input_grad[:3]] + [need_residual and y is not None]
+        grads = [None, None, None, None]
         if any(mask):
             args = (grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype,
-                    ctx.eps)
+                    ctx.eps, y)
             if torch._C._are_functorch_transforms_active():
                 # torch.func.grad / jacrev: the custom op's autograd does not support
                 # functorch, so differentiate the formula in torch ops
-                dx, dw, db = _formula_grads(*args)
-            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight):
-                dx, dw, db = _backward(*args)
+                found = _formula_grads(*args)
+            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y):
+                found = _backward(*args)
             else:  # create_graph=True or tracing: the op, whose autograd is the double backward
-                dx, dw, db = torch.ops.tritonbn.batch_norm_backward(*args)
-            grads = tuple(g if m else None for g, m in zip((dx, dw, db), mask))
-        return (*grads, None, None, None, None, None, None)
+                found = torch.ops.tritonbn.batch_norm_backward(*args)
+            grads = [g if m else None for g, m in zip(found, mask)]
+        if need_residual and y is None:
+            grads[3] = grad_out
+        dx, dw, db, dr = grads
+        return dx, dw, db, None, None, None, None, None, None, dr, None
 
 
 class EagerBatchNormFunction(BatchNormFunction):
@@ -248,30 +272,30 @@ class EagerBatchNormFunction(BatchNormFunction):
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, num_batches_tracked,
-             training, momentum, eps):
+             training, momentum, eps, residual, relu):
         """torch.func.vmap (jacfwd, hessian, model ensembles): each slice is its own
         batch norm, one call per slice. Running stats updated in training must be
         batched along with the input, as in torch."""
-        tensors = (input, weight, bias, running_mean, running_var, num_batches_tracked)
-        dims = in_dims[:6]
+        tensors = (input, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+        dims = (*in_dims[:6], in_dims[9])
         running_batched = dims[3] is not None and dims[4] is not None
         if training and running_mean is not None and not running_batched and dims[0] is not None:
             raise RuntimeError(
-                    "batch_norm under vmap got a batched input while running_mean or running_var, "
-                    "which are updated in place, are not batched; batch them too, or use "
-                    "track_running_stats=False if eval mode is not needed")
+                "batch_norm under vmap got a batched input while running_mean or running_var, "
+                "which are updated in place, are not batched; batch them too, or use "
+                "track_running_stats=False if eval mode is not needed")
         outputs = []
         for i in range(info.batch_size):
             args = [t if t is None or d is None else t.select(d, i) for t, d in zip(tensors, dims)]
             if training and i and not running_batched:
                 args[3:6] = None, None, None  # unbatched running stats are updated once
-            outputs.append(EagerBatchNormFunction.apply(*args, training, momentum, eps))
+            outputs.append(EagerBatchNormFunction.apply(*args[:6], training, momentum, eps, args[6], relu))
         return tuple(torch.stack(results) for results in zip(*outputs)), (0, 0, 0)
 
     @staticmethod
-    def jvp(ctx, input_t, weight_t, bias_t, *_):
+    def jvp(ctx, input_t, weight_t, bias_t, *other_tangents):
         """Forward-mode derivative of y (torch.func.jvp, jacfwd, hessian)."""
-        input, weight, save_mean, save_invstd = ctx.saved_tensors
+        input, weight, save_mean, save_invstd, y = ctx.saved_tensors
         y_t = derivatives.output_tangent(input, weight, save_mean, save_invstd, ctx.training,
-                                         input_t, weight_t, bias_t)
+                                         input_t, weight_t, bias_t, other_tangents[6], y)
         return y_t.to(input.dtype), None, None
