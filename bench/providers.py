@@ -3,7 +3,9 @@
 Providers: tritonbn; eager (torch.nn.functional.batch_norm, cuDNN or native as
 torch chooses); compile (torch.compile of the same function, Inductor,
 specialized to the shape). Modes: forward (training), backward (training,
-the backward alone), fwd_bwd, inference.
+the backward alone), fwd_bwd, inference, and fused_fwd_bwd: the ResNet
+epilogue relu(batch_norm(x) + residual), forward and backward, where eager and
+compile run the unfused chain and tritonbn runs batch_norm_relu.
 """
 from __future__ import annotations
 
@@ -17,9 +19,11 @@ import tritonbn
 from tritonbn.autotune.shapes import in_layout
 
 PROVIDERS = ("tritonbn", "eager", "compile")
-MODES = ("forward", "backward", "fwd_bwd", "inference")
-# tensor-sized passes of the minimal-bytes model (DESIGN.md), the same for every provider
-PASSES = {"forward": 3, "backward": 5, "fwd_bwd": 8, "inference": 2}
+MODES = ("forward", "backward", "fwd_bwd", "inference", "fused_fwd_bwd")
+# tensor-sized passes of the minimal-bytes model (DESIGN.md), the same for every provider;
+# fused_fwd_bwd: forward 4 (x twice, residual, y), backward 7 (x and dy twice, y once
+# for the ReLU mask, dx, dresidual)
+PASSES = {"forward": 3, "backward": 5, "fwd_bwd": 8, "inference": 2, "fused_fwd_bwd": 11}
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -32,6 +36,7 @@ class Inputs:
     running_mean: torch.Tensor
     running_var: torch.Tensor
     grad_out: torch.Tensor
+    residual: torch.Tensor
 
     @classmethod
     def make(cls, shape, dtype, channels_last: bool, device) -> "Inputs":
@@ -42,7 +47,8 @@ class Inputs:
         half = dtype in (torch.float16, torch.bfloat16)
         params = dict(device=device, dtype=torch.float32 if half else dtype)
         return cls(x, torch.rand(C, **params) + 0.5, torch.randn(C, **params),
-                   torch.randn(C, **params), torch.rand(C, **params) + 0.5, torch.randn_like(x))
+                   torch.randn(C, **params), torch.rand(C, **params) + 0.5, torch.randn_like(x),
+                   torch.randn_like(x))
 
 
 def _batch_norm_fn(provider: str) -> Callable:
@@ -56,13 +62,39 @@ def _batch_norm_fn(provider: str) -> Callable:
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def unfused_epilogue(x, running_mean, running_var, weight, bias, training, momentum, eps, residual):
+    """What eager PyTorch runs for a ResNet block's tail."""
+    return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+                      + residual)
+
+
+def _epilogue_fn(provider: str) -> Callable:
+    if provider == "tritonbn":
+        return lambda *args: tritonbn.batch_norm_relu(*args[:-1], residual=args[-1])
+    if provider == "eager":
+        return unfused_epilogue
+    if provider == "compile":
+        torch._dynamo.reset()
+        return torch.compile(unfused_epilogue, dynamic=False, fullgraph=True)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
 def make_call(provider: str, mode: str, inputs: Inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
     """A no-argument callable running `mode` once; it returns the outputs that
-    the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias)."""
-    bn = _batch_norm_fn(provider)
+    the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias),
+    and (y, dx, dweight, dbias, dresidual) for fused_fwd_bwd."""
     i = inputs
     # running stats are copies: timing repeats must not drift the inputs of the check
     running = i.running_mean.clone(), i.running_var.clone()
+    if mode == "fused_fwd_bwd":
+        fused = _epilogue_fn(provider)
+        leaves = [t.detach().clone().requires_grad_() for t in (i.x, i.weight, i.bias, i.residual)]
+
+        def fused_fwd_bwd():
+            y = fused(leaves[0], *running, leaves[1], leaves[2], True, MOMENTUM, EPS, leaves[3])
+            return (y.detach(), *torch.autograd.grad(y, leaves, i.grad_out))
+        return fused_fwd_bwd
+    bn = _batch_norm_fn(provider)
     if mode in ("forward", "inference"):
         training = mode == "forward"
         return lambda: (bn(i.x, *running, i.weight, i.bias, training, MOMENTUM, EPS),)

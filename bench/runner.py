@@ -49,8 +49,19 @@ def _reference_module():
     return module
 
 
-def reference_outputs(mode: str, i: Inputs) -> tuple[torch.Tensor, ...]:
+def reference_outputs(mode: str, i: Inputs, outputs=None) -> tuple[torch.Tensor, ...]:
+    """The float64 reference of what make_call returns. fused_fwd_bwd takes the
+    ReLU mask from the provider's own output (``outputs[0]``): where the
+    pre-activation is within rounding of 0, either side is right, and the
+    gradients must follow the side the forward took."""
     ref = _reference_module()
+    if mode == "fused_fwd_bwd":
+        y, _, _ = ref.reference_batch_norm(i.x, i.running_mean, i.running_var, i.weight, i.bias, True,
+                                           providers.MOMENTUM, providers.EPS)
+        grad = torch.where(outputs[0] > 0, i.grad_out.double(), 0.0)
+        grads = ref.reference_grads(i.x, i.weight, i.bias, grad, i.running_mean, i.running_var, True,
+                                    providers.EPS)
+        return (torch.relu(y + i.residual.double()), *grads, grad)
     training = mode != "inference"
     y = ref.reference_batch_norm(i.x, i.running_mean, i.running_var, i.weight, i.bias, training,
                                  providers.MOMENTUM, providers.EPS)[0]
@@ -98,7 +109,7 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
     """All providers of one (mode, shape, dtype, layout): check, then time."""
     dtype = DTYPES[dtype_name]
     inputs = Inputs.make(shape, dtype, layout == "channels_last", device)
-    references = reference_outputs(mode, inputs)
+    references = None if mode == "fused_fwd_bwd" else reference_outputs(mode, inputs)
     copy_dst = torch.empty_like(inputs.x)
     copy_ms = measure_ms(lambda: copy_dst.copy_(inputs.x))
     tensor_bytes = inputs.x.numel() * inputs.x.element_size()
@@ -110,7 +121,8 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
                    frac_copy=math.nan, max_error=math.nan, correct=False, note="")
         try:
             call = make_call(provider, mode, inputs)
-            row["max_error"] = max_error(call(), references)
+            outputs = call()
+            row["max_error"] = max_error(outputs, references or reference_outputs(mode, inputs, outputs))
             row["correct"] = row["max_error"] <= TOLERANCE[dtype]
             if row["correct"]:  # a wrong result is not timed
                 row["median_ms"] = measure_ms(call)
@@ -158,7 +170,8 @@ def parse_args(argv=None):
     parser.add_argument("--suite", nargs="+", choices=SUITES,
                         default=["resnet50", "mlp", "video"] if gpu else ["tiny"],
                         help="shape sets (default: resnet50 mlp video on a GPU, tiny on the interpreter)")
-    parser.add_argument("--quick", action="store_true", help="the 'quick' suite, fp16 and fp32 only")
+    parser.add_argument("--quick", action="store_true",
+                        help="fp16 and fp32 only; on a GPU the 'quick' suite (the interpreter keeps 'tiny')")
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
     parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")),
                         default=(32, 64, 256), help="batch sizes of the resnet50 suite (default 32,64,256)")
@@ -175,7 +188,9 @@ def parse_args(argv=None):
                              "shape seen first is tuned during its correctness check, before timing")
     args = parser.parse_args(argv)
     if args.quick:
-        args.suite, args.dtypes = ["quick"], [d for d in args.dtypes if d in ("fp16", "fp32")]
+        args.dtypes = [d for d in args.dtypes if d in ("fp16", "fp32")]
+        if gpu:
+            args.suite = ["quick"]
     return args
 
 
