@@ -24,6 +24,15 @@ def _inputs(shape, device, channels_last, affine):
     return [x.requires_grad_(), *(p.requires_grad_() for p in params)]
 
 
+def _running_stats(C, device, training):
+    """Eval reads running stats; training gets none, so repeated calls by
+    gradcheck see the same function."""
+    if training:
+        return None, None
+    return (torch.randn(C, dtype=torch.float64, device=device),
+            torch.rand(C, dtype=torch.float64, device=device) + 0.5)
+
+
 def _fn(training, running, affine):
     running_mean, running_var = running
 
@@ -39,11 +48,7 @@ def _fn(training, running, affine):
 def test_gradcheck(device, shape, channels_last, training, affine):
     inputs = _inputs(shape, device, channels_last, affine)
     C = shape[1]
-    # eval reads the running stats; training gets none, so repeated calls by
-    # gradcheck see the same function
-    running = ((torch.randn(C, dtype=torch.float64, device=device),
-                torch.rand(C, dtype=torch.float64, device=device) + 0.5)
-               if not training else (None, None))
+    running = _running_stats(C, device, training)
     assert torch.autograd.gradcheck(_fn(training, running, affine), inputs, fast_mode=True)
 
 
@@ -60,9 +65,7 @@ def test_gradcheck_both_regimes(device, channels_last, regime):
 def test_gradcheck_full_mode(device, training):
     """Full (column by column) gradcheck on a tiny input, split regime."""
     inputs = _inputs((3, 2, 2), device, channels_last=False, affine=True)
-    running = ((torch.randn(2, dtype=torch.float64, device=device),
-                torch.rand(2, dtype=torch.float64, device=device) + 0.5)
-               if not training else (None, None))
+    running = _running_stats(2, device, training)
     with override(forward=split(), backward=split(), inference=split()):
         assert torch.autograd.gradcheck(_fn(training, running, True), inputs)
 
@@ -82,9 +85,7 @@ def test_gradcheck_full_mode_larger(device, shape):
 def test_gradgradcheck(device, shape, channels_last, training, affine):
     inputs = _inputs(shape, device, channels_last, affine)
     C = shape[1]
-    running = ((torch.randn(C, dtype=torch.float64, device=device),
-                torch.rand(C, dtype=torch.float64, device=device) + 0.5)
-               if not training else (None, None))
+    running = _running_stats(C, device, training)
     assert torch.autograd.gradgradcheck(_fn(training, running, affine), inputs, fast_mode=True)
 
 
