@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import launch
 from .checks import check_inputs
-from .ops import _mark_updated
+from .ops import mark_updated
 
 
 def _all_gather_stats(stats: Tensor, group, world_size: int) -> Tensor:
@@ -46,7 +46,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats = _all_gather_stats(launch.local_stats(input), group, world_size)
         y, save_mean, save_invstd = launch.forward_training_from_stats(
             input, stats, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
-        _mark_updated(running_mean, running_var)
+        mark_updated(running_mean, running_var)
         count = stats[0, :, :1].sum(0)  # [1]: m, every process's values of a channel
         ctx.save_for_backward(input, weight, save_mean, save_invstd, count)
         ctx.group = group

@@ -6,8 +6,14 @@ running_var, so torch.compile sees the buffer update instead of losing it.
 Each op has a fake implementation (shapes, dtypes, strides only), so
 torch.compile(fullgraph=True) traces through without a graph break.
 
+Both ops carry the fused epilogue (y = relu(bn(x) + residual)): the forward
+takes (residual, relu), the backward the forward's output to mask with and a
+fourth gradient, the residual's. The backward op's own autograd is the double
+backward, in torch ops (tritonbn.derivatives).
+
 In plain eager mode BatchNormFunction calls the ops' implementations directly
-(see _plain_eager); tracing, dispatch modes and tensor subclasses get the ops.
+(see _plain_eager); tracing, dispatch modes and tensor subclasses get the ops,
+and functorch transforms the torch formula of the backward.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run them when the
 Triton interpreter is on (TRITON_INTERPRET=1 before tritonbn is imported) and
@@ -201,7 +207,7 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
 
 
-def _mark_updated(*tensors: Tensor | None) -> None:
+def mark_updated(*tensors: Tensor | None) -> None:
     """Bump the version counters of buffers written in place, as the op's
     declared mutation does, so autograd still detects a stale saved tensor."""
     for t in tensors:
@@ -225,7 +231,7 @@ class BatchNormFunction(torch.autograd.Function):
         if _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
             outputs = _forward(*args)
             if training:
-                _mark_updated(running_mean, running_var)
+                mark_updated(running_mean, running_var)
             return outputs
         return torch.ops.tritonbn.batch_norm_forward(*args)
 
