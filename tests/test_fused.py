@@ -134,6 +134,18 @@ def test_torch_func_grad_and_jvp(device):
     torch.testing.assert_close(call(tritonbn.batch_norm_relu), call(_torch_chain), rtol=1e-9, atol=1e-9)
 
 
+def test_vmap_with_a_batched_residual(device):
+    """vmap over the input and a residual batched along another dim: each slice
+    its own fused batch norm."""
+    x = torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64)
+    residual = torch.randn(4, 3, 5, 2, device=device, dtype=torch.float64)
+    ours = torch.func.vmap(lambda x, r: tritonbn.batch_norm_relu(x, None, None, training=True, residual=r),
+                           in_dims=(0, 3))(x, residual)
+    expected = torch.stack([_torch_chain(x[i], None, None, None, None, True, 0.1, 1e-5, residual[..., i])
+                            for i in range(2)])
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_compiled_resnet_block_matches_eager(device):
     """conv -> bn -> relu -> conv -> bn (+ identity) -> relu with the fused
     epilogue: one graph, and equal to eager in outputs, gradients and buffers."""
