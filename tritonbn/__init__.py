@@ -30,11 +30,12 @@ __version__ = "0.1.0"
 
 from . import functional, ops  # noqa: E402  (ops registers the torch.library ops)
 from .functional import batch_norm, batch_norm_relu  # noqa: E402
+from .fuse import fuse_epilogues  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm, convert_batchnorm, revert_batchnorm,
 )
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_relu",
-    "convert_batchnorm", "functional", "ops", "revert_batchnorm",
+    "convert_batchnorm", "functional", "fuse_epilogues", "ops", "revert_batchnorm",
 ]

@@ -52,24 +52,32 @@ class _TritonBatchNorm:
                 nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            momentum = self.momentum  # None: cumulative average over num_batches_tracked
-            num_batches_tracked = self.num_batches_tracked
-        # batch statistics in training, and in eval when there are no running stats
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # running stats are read in eval, and updated in training only when tracked
-        use_running = not self.training or self.track_running_stats
-        return batch_norm_tracked(
-            input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight, self.bias, bn_training, momentum, self.eps,
-            num_batches_tracked=num_batches_tracked,
-        )
+        return module_batch_norm(self, input)
+
+
+def module_batch_norm(module: nn.modules.batchnorm._BatchNorm, input: Tensor,
+                      residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    """What a BatchNorm module's forward computes, on tritonbn's kernels, for a
+    tritonbn or a torch.nn BatchNorm1d/2d/3d; with residual / relu, the fused
+    epilogue relu(bn(input) + residual) (tritonbn.fuse_epilogues calls this)."""
+    module._check_input_dim(input)
+    momentum = 0.0 if module.momentum is None else module.momentum
+    num_batches_tracked = None
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        momentum = module.momentum  # None: cumulative average over num_batches_tracked
+        num_batches_tracked = module.num_batches_tracked
+    # batch statistics in training, and in eval when there are no running stats
+    bn_training = module.training or (module.running_mean is None and module.running_var is None)
+    # running stats are read in eval, and updated in training only when tracked
+    use_running = not module.training or module.track_running_stats
+    return batch_norm_tracked(
+        input,
+        module.running_mean if use_running else None,
+        module.running_var if use_running else None,
+        module.weight, module.bias, bn_training, momentum, module.eps,
+        num_batches_tracked=num_batches_tracked, residual=residual, relu=relu,
+    )
 
 
 class BatchNorm1d(_TritonBatchNorm, nn.BatchNorm1d):
@@ -98,7 +106,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size == 1:
-            return _TritonBatchNorm.forward(self, input)
+            return module_batch_norm(self, input)
         return self._synchronized_forward(input, group, world_size)
 
     # collectives and launches run eagerly: torch.compile breaks the graph here
