@@ -1,4 +1,6 @@
-"""Small models shared by the module and torch.compile tests."""
+"""Small models shared by the module and torch.compile tests, and a helper to
+run two models side by side."""
+import torch
 from torch import nn
 
 
@@ -15,3 +17,16 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
+
+
+def assert_same_step(ours, theirs, x, grad_out, rtol, atol):
+    """One forward and backward of each model on the same x and grad_out: outputs
+    and input gradients equal within rtol / atol."""
+    outputs = []
+    for model in (ours, theirs):
+        leaf = x.clone().requires_grad_()
+        y = model(leaf)
+        y.backward(grad_out)
+        outputs.append((y, leaf.grad))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

@@ -10,6 +10,7 @@ from torch import nn
 
 import tritonbn
 from tritonbn.modules import module_batch_norm
+from models import SmallCNN, assert_same_step
 
 
 class Bottleneck(nn.Module):
@@ -57,15 +58,7 @@ def _train_and_eval(reference, fused, device, steps=2):
         model.train()
     for _ in range(steps):
         x = torch.randn(2, 4, 5, 5, device=device)
-        grad_out = torch.randn(2, 4, 5, 5, device=device)
-        outputs = []
-        for model in (reference, fused):
-            leaf = x.clone().requires_grad_()
-            y = model(leaf)
-            y.backward(grad_out)
-            outputs.append((y, leaf.grad))
-        for ours, theirs in zip(*outputs):
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        assert_same_step(fused, reference, x, torch.randn_like(x), rtol=1e-4, atol=1e-4)
     for (name, p), q in zip(reference.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
     for (name, b), c in zip(reference.named_buffers(), fused.buffers()):
@@ -110,7 +103,6 @@ def test_fused_model_compiles_as_one_graph(device):
 def test_sequential_conv_bn_relu_with_momentum_none(device):
     """nn.Sequential(conv, bn, ReLU) x3 with momentum=None: every bn + ReLU fused,
     and three SGD steps in lockstep with torch (losses, parameters, buffers)."""
-    from models import SmallCNN
     torch.manual_seed(0)
     reference = SmallCNN(momentum=None).to(device)
     fused = tritonbn.fuse_epilogues(copy.deepcopy(reference))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tritonbn
-from models import SmallCNN
+from models import SmallCNN, assert_same_step
 
 PAIRS = [(nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3, 5)),
          (nn.BatchNorm1d, tritonbn.BatchNorm1d, (6, 3)),
@@ -257,15 +257,7 @@ def test_sync_batchnorm_in_one_process_is_batchnorm(device, momentum):
         ours.train(training)
         theirs.train(training)
         x = torch.randn(4, 3, 2, 5, device=device)
-        grad_out = torch.randn_like(x)
-        outputs = []
-        for module in (ours, theirs):
-            leaf = x.clone().requires_grad_()
-            y = module(leaf)
-            y.backward(grad_out)
-            outputs.append((y, leaf.grad))
-        for a, b in zip(*outputs):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_same_step(ours, theirs, x, torch.randn_like(x), rtol=1e-5, atol=1e-5)
     for name, buffer in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[name], buffer, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-5, atol=1e-5)
