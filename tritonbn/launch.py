@@ -113,10 +113,10 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
 
 
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """Whether any element offset of these tensors can pass int32."""
+def _needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any element offset of these tensors (None: absent) can pass int32."""
     return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX
-               for t in tensors)
+               for t in tensors if t is not None)
 
 
 def _to_float32(value: float) -> float:
@@ -162,7 +162,7 @@ def _split_block(num_splits: int, block_c: int) -> int:
     return min(next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
 
 
-def _meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor) -> dict:
+def _meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor | None) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s,
                 CHANNEL_INNER=view.channel_inner, INT64=_needs_int64(x, *tensors),
                 ACC_DTYPE=_ACC.get(x.dtype, tl.float32), num_warps=cfg.num_warps)
@@ -198,13 +198,17 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
 
     # a tuning candidate updates scratch copies, never the caller's running stats
     cfg = _config("forward", view, x, config, lambda c: launch(c, *scratch_running_stats()))
-    # strided running stats are updated in dense copies, then written back
     running = [_dense(t) for t in (running_mean, running_var)]
     outputs = launch(cfg, *running)
-    for buffer, updated in zip((running_mean, running_var), running):
+    _write_back((running_mean, running_var), running)
+    return outputs
+
+
+def _write_back(buffers, dense) -> None:
+    """Strided running stats are updated in dense copies (_dense): copy those back."""
+    for buffer, updated in zip(buffers, dense):
         if updated is not buffer:
             buffer.copy_(updated)
-    return outputs
 
 
 def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running_mean, running_var,
@@ -219,19 +223,18 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
     dummy = save_mean
     momentum_hi, momentum_lo = _hi_lo(0.0 if momentum is None else momentum)
     eps_hi, eps_lo = _hi_lo(eps)
-    x_strides = _named_strides("x", _strides(x, view))
     args = dict(
         Weight=dummy if weight is None else weight, Bias=dummy if bias is None else bias,
         RunningMean=running_mean if update else dummy, RunningVar=running_var if update else dummy,
         NumBatchesTracked=dummy if num_batches_tracked is None else num_batches_tracked,
         SaveMean=save_mean, SaveInvstd=save_invstd,
         N=view.N, C=view.C, S=view.S,
-        **x_strides, **_named_strides("y", _strides(y, view)),
+        **_named_strides("x", _strides(x, view)), **_named_strides("y", _strides(y, view)),
         momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
         **_epilogue_args(residual, r_strides, relu, x),
-        **_meta(view, cfg, x, y, *([] if residual is None else [residual])),
+        **_meta(view, cfg, x, y, residual),
     )
     if cfg.regime == "resident":
         kernels.bn_fwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, y, **args)
@@ -239,15 +242,22 @@ def _launch_forward(x, view: View, fmt, weight, bias, cfg: LaunchConfig, running
 
     grid, n_per_split, s_per_split = _grid_split(view, cfg)
     if partials is None:
-        partials = torch.empty((3, grid[1] * grid[2], view.C), dtype=acc, device=x.device)
-        kernels.bn_fwd_stats_kernel[grid](
-            x, partials, view.N, view.C, view.S, **x_strides,
-            n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+        partials = _stats_partials(x, view, cfg)
     num_splits = partials.shape[1]
     kernels.bn_fwd_normalize_kernel[grid](
         x, y, Partials=partials, n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
         SPLIT_BLOCK=_split_block(num_splits, cfg.block_c), **args)
     return y, save_mean, save_invstd
+
+
+def _stats_partials(x, view: View, cfg: LaunchConfig) -> torch.Tensor:
+    """bn_fwd_stats_kernel: [3, P, C] Welford partials of x, one per split."""
+    grid, n_per_split, s_per_split = _grid_split(view, cfg)
+    partials = torch.empty((3, grid[1] * grid[2], view.C), dtype=acc_dtype(x.dtype), device=x.device)
+    kernels.bn_fwd_stats_kernel[grid](
+        x, partials, view.N, view.C, view.S, **_named_strides("x", _strides(x, view)),
+        n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
+    return partials
 
 
 def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
@@ -279,7 +289,7 @@ def _launch_inference(x, view: View, fmt, weight, bias, running_mean, running_va
         n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         **_epilogue_args(residual, r_strides, relu, x),
-        **_meta(view, cfg, x, y, *([] if residual is None else [residual])))
+        **_meta(view, cfg, x, y, residual))
     return y, save_mean, save_invstd
 
 
@@ -335,7 +345,7 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
         HAS_WEIGHT=weight is not None, TRAINING=training,
         STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
         RELU=relu, STORE_DRESIDUAL=residual_grad,
-        **_meta(view, cfg, x, grad_out, dx_, *([output] if relu else [])),
+        **_meta(view, cfg, x, grad_out, dx_, output),
     )
     if cfg.regime == "resident":
         kernels.bn_bwd_resident_kernel[(cdiv(view.C, cfg.block_c),)](x, grad_out, dx_, **args)
@@ -348,7 +358,7 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
         kernels.bn_bwd_sums_kernel[grid](
             x, grad_out, args["Y"], save_mean, save_invstd, partials, view.N, view.C, view.S,
             **input_strides, n_per_split=n_per_split, s_per_split=s_per_split, RELU=relu,
-            **_meta(view, cfg, x, grad_out, *([output] if relu else [])))
+            **_meta(view, cfg, x, grad_out, output))
     num_splits = 1 if partials is None else partials.shape[1]
     # without elementwise outputs, one program per channel block is enough to merge the sums
     dx_grid = grid if need_dx or residual_grad else (grid[0], 1, 1)
@@ -379,13 +389,7 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
         return merged
     x, view, _ = plan(x)
     cfg = _split_config("forward", view, x)
-    grid, n_per_split, s_per_split = _grid_split(view, cfg)
-    num_splits = grid[1] * grid[2]
-    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
-    kernels.bn_fwd_stats_kernel[grid](
-        x, partials, view.N, view.C, view.S, **_named_strides("x", _strides(x, view)),
-        n_per_split=n_per_split, s_per_split=s_per_split, **_meta(view, cfg, x))
-    _merge(partials, merged, None, None, None, None, None, None, 0.0, cfg.block_c)
+    _merge(_stats_partials(x, view, cfg), merged, None, None, None, None, None, None, 0.0, cfg.block_c)
     return merged
 
 
@@ -431,9 +435,7 @@ def forward_training_from_stats(x, stats, weight, bias, running_mean, running_va
                                   _split_config("forward", view, x), *running,
                                   num_batches_tracked=num_batches_tracked, momentum=momentum, eps=eps,
                                   partials=stats)
-    for buffer, updated in zip((running_mean, running_var), running):
-        if updated is not buffer:
-            buffer.copy_(updated)
+    _write_back((running_mean, running_var), running)
     return outputs
 
 
@@ -458,8 +460,8 @@ def backward_input_from_means(grad_out, x, weight, save_mean, save_invstd, means
     grad_out, g_strides = conform(grad_out, view, fmt)
     cfg = _split_config("backward", view, x)
     dx, _, _, _ = _launch_backward(grad_out, g_strides, x, view, fmt, _dense(weight), _dense(save_mean),
-                                _dense(save_invstd), True, (True, False, False), None, cfg,
-                                partials=means.view(2, 1, -1), count=1.0)
+                                   _dense(save_invstd), True, (True, False, False), None, cfg,
+                                   partials=means.view(2, 1, -1), count=1.0)
     return dx
 
 
