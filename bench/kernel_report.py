@@ -95,7 +95,7 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
         launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
-    elif op == "fused":  # batch_norm_relu with a residual: forward, inference, backward
+    elif op == "fused":  # batch_norm_relu with and without a residual: forward, inference, backward
         residual = torch.empty_like(x)
         nbt = torch.empty((), dtype=torch.long, device="meta")
         y, mean, invstd = launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5,
@@ -106,6 +106,11 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         for training in (True, False):
             launch.backward(torch.empty_like(x), x, weight, mean, invstd, training, (True, True, True),
                             bias.dtype, config=config, output=y, residual_grad=True)
+        # ReLU alone in training: the mask recomputed from x, with and without dx
+        launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config, relu=True)
+        for mask in ((True, True, True), (False, True, True)):
+            launch.backward(torch.empty_like(x), x, weight, mean, invstd, True, mask, bias.dtype,
+                            config=config, relu_from_input=True, bias=bias)
     elif op == "sync":  # SyncBatchNorm's launches (tritonbn/distributed.py), two processes' stats
         from tritonbn.autotune import override
         with override(forward=config, backward=config):

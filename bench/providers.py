@@ -3,9 +3,10 @@
 Providers: tritonbn; eager (torch.nn.functional.batch_norm, cuDNN or native as
 torch chooses); compile (torch.compile of the same function, Inductor,
 specialized to the shape). Modes: forward (training), backward (training,
-the backward alone), fwd_bwd, inference, and fused_fwd_bwd: the ResNet
-epilogue relu(batch_norm(x) + residual), forward and backward, where eager and
-compile run the unfused chain and tritonbn runs batch_norm_relu.
+the backward alone), fwd_bwd, inference, and the fused epilogues forward and
+backward, where eager and compile run the unfused chain and tritonbn runs
+batch_norm_relu: relu_fwd_bwd, relu(batch_norm(x)), and fused_fwd_bwd, the
+ResNet block's tail relu(batch_norm(x) + residual).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import tritonbn
 from tritonbn.autotune.shapes import in_layout
 
 PROVIDERS = ("tritonbn", "eager", "compile")
-MODES = ("forward", "backward", "fwd_bwd", "inference", "fused_fwd_bwd")
+MODES = ("forward", "backward", "fwd_bwd", "inference", "relu_fwd_bwd", "fused_fwd_bwd")
+EPILOGUES = {"relu_fwd_bwd": False, "fused_fwd_bwd": True}  # mode: with a residual
 # tensor-sized passes of the minimal-bytes model (DESIGN.md), the same for every provider;
+# relu_fwd_bwd: those of fwd_bwd (the ReLU mask is recomputed from x);
 # fused_fwd_bwd: forward 4 (x twice, residual, y), backward 7 (x and dy twice, y once
 # for the ReLU mask, dx, dresidual)
-PASSES = {"forward": 3, "backward": 5, "fwd_bwd": 8, "inference": 2, "fused_fwd_bwd": 11}
+PASSES = {"forward": 3, "backward": 5, "fwd_bwd": 8, "inference": 2, "relu_fwd_bwd": 8, "fused_fwd_bwd": 11}
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -62,15 +65,15 @@ def _batch_norm_fn(provider: str) -> Callable:
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def unfused_epilogue(x, running_mean, running_var, weight, bias, training, momentum, eps, residual):
-    """What eager PyTorch runs for a ResNet block's tail."""
-    return torch.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-                      + residual)
+def unfused_epilogue(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None):
+    """What eager PyTorch runs for bn -> relu, or a ResNet block's tail bn -> + residual -> relu."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return torch.relu(y if residual is None else y + residual)
 
 
 def _epilogue_fn(provider: str) -> Callable:
     if provider == "tritonbn":
-        return lambda *args: tritonbn.batch_norm_relu(*args[:-1], residual=args[-1])
+        return lambda *args, residual=None: tritonbn.batch_norm_relu(*args, residual=residual)
     if provider == "eager":
         return unfused_epilogue
     if provider == "compile":
@@ -81,19 +84,21 @@ def _epilogue_fn(provider: str) -> Callable:
 
 def make_call(provider: str, mode: str, inputs: Inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
     """A no-argument callable running `mode` once; it returns the outputs that
-    the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias),
-    and (y, dx, dweight, dbias, dresidual) for fused_fwd_bwd."""
+    the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias)
+    (relu_fwd_bwd too), and (y, dx, dweight, dbias, dresidual) for fused_fwd_bwd."""
     i = inputs
     # running stats are copies: timing repeats must not drift the inputs of the check
     running = i.running_mean.clone(), i.running_var.clone()
-    if mode == "fused_fwd_bwd":
+    if mode in EPILOGUES:
         fused = _epilogue_fn(provider)
-        leaves = [t.detach().clone().requires_grad_() for t in (i.x, i.weight, i.bias, i.residual)]
+        leaves = [t.detach().clone().requires_grad_()
+                  for t in (i.x, i.weight, i.bias, *([i.residual] if EPILOGUES[mode] else []))]
 
-        def fused_fwd_bwd():
-            y = fused(leaves[0], *running, leaves[1], leaves[2], True, MOMENTUM, EPS, leaves[3])
+        def epilogue_fwd_bwd():
+            y = fused(leaves[0], *running, leaves[1], leaves[2], True, MOMENTUM, EPS,
+                      residual=leaves[3] if EPILOGUES[mode] else None)
             return (y.detach(), *torch.autograd.grad(y, leaves, i.grad_out))
-        return fused_fwd_bwd
+        return epilogue_fwd_bwd
     bn = _batch_norm_fn(provider)
     if mode in ("forward", "inference"):
         training = mode == "forward"

@@ -50,18 +50,20 @@ def _reference_module():
 
 
 def reference_outputs(mode: str, i: Inputs, outputs=None) -> tuple[torch.Tensor, ...]:
-    """The float64 reference of what make_call returns. fused_fwd_bwd takes the
-    ReLU mask from the provider's own output (``outputs[0]``): where the
+    """The float64 reference of what make_call returns. The epilogue modes take
+    the ReLU mask from the provider's own output (``outputs[0]``): where the
     pre-activation is within rounding of 0, either side is right, and the
     gradients must follow the side the forward took."""
     ref = _reference_module()
-    if mode == "fused_fwd_bwd":
+    if mode in providers.EPILOGUES:
         y, _, _ = ref.reference_batch_norm(i.x, i.running_mean, i.running_var, i.weight, i.bias, True,
                                            providers.MOMENTUM, providers.EPS)
         grad = torch.where(outputs[0] > 0, i.grad_out.double(), 0.0)
         grads = ref.reference_grads(i.x, i.weight, i.bias, grad, i.running_mean, i.running_var, True,
                                     providers.EPS)
-        return (torch.relu(y + i.residual.double()), *grads, grad)
+        if providers.EPILOGUES[mode]:  # with a residual, whose gradient is the masked grad_out
+            return (torch.relu(y + i.residual.double()), *grads, grad)
+        return (torch.relu(y), *grads)
     training = mode != "inference"
     y = ref.reference_batch_norm(i.x, i.running_mean, i.running_var, i.weight, i.bias, training,
                                  providers.MOMENTUM, providers.EPS)[0]
@@ -109,7 +111,7 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
     """All providers of one (mode, shape, dtype, layout): check, then time."""
     dtype = DTYPES[dtype_name]
     inputs = Inputs.make(shape, dtype, layout == "channels_last", device)
-    references = None if mode == "fused_fwd_bwd" else reference_outputs(mode, inputs)
+    references = None if mode in providers.EPILOGUES else reference_outputs(mode, inputs)
     copy_dst = torch.empty_like(inputs.x)
     copy_ms = measure_ms(lambda: copy_dst.copy_(inputs.x))
     tensor_bytes = inputs.x.numel() * inputs.x.element_size()

@@ -9,10 +9,14 @@ there is no weight) and m = N * S values per channel:
     eval:      dx = scale * g      (mean / invstd come from the running stats)
 
 xhat is recomputed from x and the saved per-channel mean / invstd; nothing of
-size N * C * S is saved by the forward. After a fused ReLU (RELU) g is dy where
-the forward's output y > 0 and 0 elsewhere (common.load_grad): the mask comes
-from y, which the next layer keeps anyway, and never from a stored
-pre-activation. With a fused residual that same g is its gradient (DR).
+size N * C * S is saved by the forward. After a fused ReLU g is dy where the
+forward's output y > 0 and 0 elsewhere, never from a stored pre-activation:
+
+- RELU_FROM_X (training, ReLU without residual): the mask is recomputed from
+  x, which is read anyway, with weight and bias (common.relu_mask_from_x);
+  the backward moves no more bytes than an unfused one.
+- RELU: the mask is read from y (common.load_grad), one more read per pass;
+  for eval mode, and after a residual, whose gradient is that same g (DR).
 
 resident  grid (cdiv(C, BLOCK_C),): x and dy of a channel block in registers,
           reduce, then dx. 2 reads, 1 write.
@@ -26,13 +30,14 @@ split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S). ``bn_bwd_sums_kernel``
 import triton
 import triton.language as tl
 
-from .common import load_channel, load_grad, split_range, tile_offsets
+from .common import affine, load_channel, load_grad, relu_mask_from_x, split_range, tile_offsets
 
 
 @triton.jit
 def bn_bwd_sums_kernel(
     X, DY,          # (N, C, S) input and output gradient
     Y,              # (N, C, S) the forward's output, read when RELU
+    Weight, Bias,   # [C] or dummies, read when RELU_FROM_X
     Mean, Invstd,   # [C] saved by the forward
     Partials,       # [2, P, C] sum g, sum g * xhat per (split, channel)
     N, C, S,
@@ -40,7 +45,8 @@ def bn_bwd_sums_kernel(
     stride_gn, stride_gc, stride_gs,
     stride_yn, stride_yc, stride_ys,
     n_per_split, s_per_split,
-    RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -52,6 +58,9 @@ def bn_bwd_sums_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = load_channel(Mean, cols, cmask, ACC_DTYPE)[None, :, None]
+    if RELU_FROM_X:
+        invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+        scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
     acc_g = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
     acc_g_xmu = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
@@ -65,6 +74,9 @@ def bn_bwd_sums_kernel(
             g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                           stride_yn, stride_yc, stride_ys, RELU,
                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+            if RELU_FROM_X:
+                g = tl.where(relu_mask_from_x(x, mean, scale[None, :, None], bias[None, :, None],
+                                              X.dtype.element_ty), g, 0.0)
             acc_g += g
             acc_g_xmu += g * tl.where(mask, x - mean, 0.0)
     sum_g = tl.sum(tl.sum(acc_g, 2), 0)
@@ -98,6 +110,7 @@ def bn_bwd_dx_kernel(
     DR,                 # (N, C, S) residual gradient, strides of DX, when STORE_DRESIDUAL
     Partials,           # [2, P, C] from bn_bwd_sums_kernel (unused without HAS_SUMS)
     Weight,             # [C] or dummy
+    Bias,               # [C] or dummy, read when RELU_FROM_X
     Mean, Invstd,       # [C] saved by the forward
     DWeight, DBias,     # [C] outputs, or dummies
     N, C, S,
@@ -108,9 +121,9 @@ def bn_bwd_dx_kernel(
     n_per_split, s_per_split,
     num_splits,         # P, the partials per channel (the dx grid may be smaller)
     count,              # m = N * S, as a float
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr, HAS_SUMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, HAS_SUMS: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    RELU: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -122,9 +135,7 @@ def bn_bwd_dx_kernel(
     cmask = cols < C
     mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
     invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
     if HAS_SUMS:
         sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
@@ -142,6 +153,7 @@ def bn_bwd_dx_kernel(
             xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
         mean = mean[None, :, None]
         scale = scale[None, :, None]
+        bias = bias[None, :, None]
         n_start, n_end = split_range(pid_n, n_per_split, N)
         s_start, s_end = split_range(pid_s, s_per_split, S)
         for n0 in range(n_start, n_end, BLOCK_N):
@@ -151,15 +163,18 @@ def bn_bwd_dx_kernel(
                 g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                               stride_yn, stride_yc, stride_ys, RELU,
                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                if TRAINING and (COMPUTE_DX or RELU_FROM_X):
+                    offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                    if RELU_FROM_X:
+                        g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
                 dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
                 if STORE_DRESIDUAL:
                     tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
                 if COMPUTE_DX:
                     if TRAINING:
-                        offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                         dx = scale * (g - g_shift) - (x - mean) * xmu_coef
                     else:
                         dx = scale * g
@@ -170,16 +185,17 @@ def bn_bwd_dx_kernel(
 def bn_bwd_resident_kernel(
     X, DY, DX,          # (N, C, S) input, output gradient, input gradient
     Y, DR,              # the forward's output (RELU), residual gradient (STORE_DRESIDUAL)
-    Weight, Mean, Invstd,
+    Weight, Bias,       # [C] or dummies; Bias read when RELU_FROM_X
+    Mean, Invstd,
     DWeight, DBias,
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
     stride_dxn, stride_dxc, stride_dxs,
     stride_yn, stride_yc, stride_ys,
-    HAS_WEIGHT: tl.constexpr, TRAINING: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
-    RELU: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -191,12 +207,16 @@ def bn_bwd_resident_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     g = load_grad(DY, Y, 0, 0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                   stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
+    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    if RELU_FROM_X:
+        g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
+                                      X.dtype.element_ty), g, 0.0)
     dx_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
     if STORE_DRESIDUAL:
         tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
-    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
-    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
     xhat = tl.where(mask, x - mean[None, :, None], 0.0) * invstd[None, :, None]
     sum_g = tl.sum(tl.sum(g, 2), 0)
     sum_g_xhat = tl.sum(tl.sum(g * xhat, 2), 0)
@@ -206,9 +226,6 @@ def bn_bwd_resident_kernel(
         tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
 
     if COMPUTE_DX:
-        scale = invstd
-        if HAS_WEIGHT:
-            scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
         if TRAINING:
             count = tl.maximum(tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0), 1.0)
             dx = (g - (sum_g / count)[None, :, None] - xhat * (sum_g_xhat / count)[None, :, None])

@@ -87,6 +87,31 @@ def load_grad(
 
 
 @triton.jit
+def affine(invstd, Weight, Bias, cols, cmask,
+           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(scale, bias) [BLOCK_C] of the training normalization y = fma(x - mean,
+    scale, bias), scale = invstd * weight; zeros for an absent bias. Forward and
+    backward kernels both build them here, so their values agree bit for bit."""
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    bias = tl.zeros_like(invstd)
+    if HAS_BIAS:
+        bias = load_channel(Bias, cols, cmask, ACC_DTYPE)
+    return scale, bias
+
+
+@triton.jit
+def relu_mask_from_x(x, mean, scale, bias, OUT_DTYPE: tl.constexpr):
+    """Where a fused ReLU in the training forward let the gradient through,
+    recomputed from x instead of read from y: y > 0 with y = fma(x - mean,
+    scale, bias) rounded to the output dtype. The forward kernels compute y with
+    these same operations (one fma, never a separate multiply and add) from the
+    same save_mean / save_invstd values, so the mask is theirs bit for bit."""
+    return tl.fma(x - mean, scale, bias).to(OUT_DTYPE) > 0
+
+
+@triton.jit
 def welford_update(count, mean, m2, x, mask):
     """Add one value per lane (where mask) to per-lane Welford accumulators."""
     count = count + mask.to(count.dtype)

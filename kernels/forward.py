@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    combine_double, epilogue, load_channel, split_range, store_channel_stats, tile_offsets,
+    affine, combine_double, epilogue, split_range, store_channel_stats, tile_offsets,
     welford_combine, welford_merge, welford_update,
 )
 
@@ -132,12 +132,7 @@ def bn_fwd_normalize_kernel(
                             cols, cmask, mean, var, invstd, count,
                             momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
 
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
-    bias = tl.zeros([BLOCK_C], ACC_DTYPE)
-    if HAS_BIAS:
-        bias = load_channel(Bias, cols, cmask, ACC_DTYPE)
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     mean = mean[None, :, None]
     scale = scale[None, :, None]
     bias = bias[None, :, None]
@@ -149,7 +144,7 @@ def bn_fwd_normalize_kernel(
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            y = epilogue((x - mean) * scale + bias, R, n0, s0, cols, cmask, mask, N, S,
+            y = epilogue(tl.fma(x - mean, scale, bias), R, n0, s0, cols, cmask, mask, N, S,
                          stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
             y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
@@ -191,12 +186,9 @@ def bn_fwd_resident_kernel(
                         cols, cmask, mean, var, invstd, count,
                         momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
 
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
-    y = xmu * scale[None, :, None]
-    if HAS_BIAS:
-        y = y + load_channel(Bias, cols, cmask, ACC_DTYPE)[None, :, None]
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    # one fma, as in bn_fwd_normalize_kernel: the backward's recomputed ReLU mask relies on it
+    y = tl.fma(xmu, scale[None, :, None], bias[None, :, None])
     y = epilogue(y, R, 0, 0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
                  HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
     y_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,

@@ -94,6 +94,86 @@ def test_layouts(device, x_layout, residual_layout):
     _check(x, layout(torch.randn(4, 3, 5, 6, device=device), residual_layout), True)
 
 
+def _regimes(x):
+    return {"resident": resident(x), "split": split(block_n=2, block_c=2, block_s=4)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("forward_regime,backward_regime",
+                         [("resident", "split"), ("split", "resident"), ("split", "split")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_training_mask_recomputed_from_x_is_the_forwards(device, dtype, forward_regime, backward_regime,
+                                                        layout):
+    """In training without a residual the backward recomputes y's sign from x.
+    It must be the forward's mask bit for bit, whichever kernels ran either
+    way, also where y rounds to zero in the output dtype: channel 1's weight is
+    so small that every y rounds to 0 in fp16 (no gradient may pass) while
+    float32 keeps its sign (bf16 would need float32 subnormals for that).
+    Checked against float64 sums over the forward's own y > 0."""
+    x = torch.randn(4, 3, 5, 6, device=device).to(dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    weight = torch.tensor([1.0, 1e-12, 0.5], device=device)
+    bias = torch.tensor([0.25, 0.0, -1e-3], device=device)
+    grad_out = torch.randn_like(x)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    regimes = _regimes(x)
+    with override(forward=regimes[forward_regime], backward=regimes[backward_regime]):
+        y = tritonbn.batch_norm_relu(leaves[0], None, None, leaves[1], leaves[2], training=True)
+        y.backward(grad_out)
+    mask = y.detach() > 0
+    if dtype == torch.float16:
+        assert not mask[:, 1].any()  # the case a float32 mask would get wrong
+    assert mask[:, 0].any() and not mask[:, 0].all()
+    g = torch.where(mask, grad_out, 0).double()
+    xd = x.double()
+    var, mean = torch.var_mean(xd, (0, 2, 3), correction=0)
+    xhat = (xd - mean[:, None, None]) * torch.rsqrt(var + 1e-5)[:, None, None]
+    dbias, dweight = g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3))
+    m = x.numel() // 3
+    dx = weight.double()[:, None, None] * torch.rsqrt(var + 1e-5)[:, None, None] * (
+        g - dbias[:, None, None] / m - xhat * dweight[:, None, None] / m)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(leaves[2].grad.double(), dbias, **tol)
+    torch.testing.assert_close(leaves[1].grad.double(), dweight, **tol)
+    torch.testing.assert_close(leaves[0].grad.double(), dx, **tol)
+
+
+@pytest.mark.parametrize("regime", ["resident", "split"])
+def test_recomputed_mask_for_parameter_gradients_alone(device, regime):
+    """A frozen input (no dx): the sums pass alone applies the recomputed mask."""
+    x = torch.randn(4, 3, 5, 6, device=device)
+    params = [torch.randn(3, device=device).requires_grad_() for _ in range(2)]
+    grad_out = torch.randn_like(x)
+    with override(backward=_regimes(x)[regime]):
+        y = tritonbn.batch_norm_relu(x, None, None, *params, training=True)
+        grads = torch.autograd.grad(y, params, grad_out)
+    expected = torch.autograd.grad(_torch_chain(x, None, None, *params, True, 0.1, 1e-5), params, grad_out)
+    torch.testing.assert_close(grads, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training,with_residual,saves_y", [
+    (True, False, False), (True, True, True), (False, False, True)])
+def test_what_the_backward_keeps(device, training, with_residual, saves_y):
+    """The forward's output is saved for the mask only where it cannot be
+    recomputed from x (eval mode, a residual); nothing of x's size but x
+    otherwise, so that backward reads no more than an unfused batch norm's."""
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    residual = torch.randn_like(x) if with_residual else None
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    running = (torch.zeros(3, device=device), torch.ones(3, device=device))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = tritonbn.batch_norm_relu(x, *running, training=training, residual=residual)
+    big = [t for t in saved if t.numel() == x.numel()]
+    assert any(t is x or torch.equal(t, x) for t in big)
+    assert any(t.data_ptr() == y.data_ptr() for t in big) == saves_y
+    assert len(big) == 1 + saves_y
+
+
 def test_residual_without_relu_is_its_gradient(device):
     """The internal residual-only variant: y = bn(x) + residual, whose residual
     gradient is grad_out itself."""
@@ -106,15 +186,20 @@ def test_residual_without_relu_is_its_gradient(device):
     torch.testing.assert_close(residual.grad, grad_out)
 
 
+@pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_and_gradgradcheck(device, training):
+def test_gradcheck_and_gradgradcheck(device, training, with_residual):
+    """Without a residual, training recomputes the mask from x in the kernels
+    and in the double backward's torch formula."""
     x = torch.randn(3, 2, 2, 3, device=device, dtype=torch.float64)
     inputs = [x.requires_grad_(), *(torch.randn(2, device=device, dtype=torch.float64).requires_grad_()
-                                    for _ in range(2)), torch.randn_like(x).requires_grad_()]
+                                    for _ in range(2))]
+    if with_residual:
+        inputs.append(torch.randn_like(x).requires_grad_())
     running = (torch.randn(2, device=device, dtype=torch.float64),
                torch.rand(2, device=device, dtype=torch.float64) + 0.5) if not training else (None, None)
 
-    def fn(x, weight, bias, residual):
+    def fn(x, weight, bias, residual=None):
         return tritonbn.batch_norm_relu(x, *running, weight, bias, training, 0.1, 1e-5, residual=residual)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
@@ -130,6 +215,18 @@ def test_torch_func_grad_and_jvp(device):
             return batch_norm_relu(x, None, None, None, None, True, 0.1, 1e-5, residual=residual)
         grads = torch.func.grad(lambda x, r: fn(x, r).pow(2).sum(), argnums=(0, 1))(x, residual)
         return grads, torch.func.jvp(fn, (x, residual), tangents)
+
+    torch.testing.assert_close(call(tritonbn.batch_norm_relu), call(_torch_chain), rtol=1e-9, atol=1e-9)
+
+
+def test_torch_func_without_residual(device):
+    """The jvp rule and torch.func.grad where the mask is recomputed from x."""
+    x, tangent = torch.randn(2, 4, 3, 5, device=device, dtype=torch.float64).unbind(0)
+
+    def call(batch_norm_relu):
+        def fn(x):
+            return batch_norm_relu(x, None, None, None, None, True, 0.1, 1e-5)
+        return torch.func.grad(lambda x: fn(x).pow(3).sum())(x), torch.func.jvp(fn, (x,), (tangent,))
 
     torch.testing.assert_close(call(tritonbn.batch_norm_relu), call(_torch_chain), rtol=1e-9, atol=1e-9)
 

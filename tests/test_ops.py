@@ -29,21 +29,25 @@ def test_opcheck_forward(device, training, track, affine, fused):
     torch.library.opcheck(torch.ops.tritonbn.batch_norm_forward.default, args)
 
 
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mask", [[True, True, True, False], [False, True, False, False],
-                                  [True, False, False, False], [True, True, True, True]])
-def test_opcheck_backward(device, training, mask):
-    """The last mask entry asks for the residual's gradient after a fused ReLU."""
-    fused = mask[3]
+@pytest.mark.parametrize("training,mask,relu", [
+    (training, mask, relu) for training in (True, False) for mask, relu in (
+        ([True, True, True, False], None), ([False, True, False, False], None),
+        ([True, False, False, False], None), ([True, True, True, True], "output"),
+        ([True, True, True, False], "input"), ([False, True, True, False], "input"))
+    if training or relu != "input"])
+def test_opcheck_backward(device, training, mask, relu):
+    """After a fused ReLU the mask comes from the forward's output (here with a
+    residual, whose gradient is the last mask entry) or, in training only, is
+    recomputed from the input with the bias."""
     x, w, b, rm, rv, *_ = _forward_args(device, training)
-    residual = torch.randn_like(x) if fused else None
+    residual = torch.randn_like(x) if relu == "output" else None
     y, mean, invstd = torch.ops.tritonbn.batch_norm_forward(x, w, b, rm, rv, None, training, 0.1, 1e-5,
-                                                            residual, fused)
+                                                            residual, relu is not None)
     # inputs that require grad: opcheck then checks the double backward's registration too
     grad_out, x, w = (t.detach().requires_grad_() for t in (torch.randn_like(x), x, w))
     torch.library.opcheck(torch.ops.tritonbn.batch_norm_backward.default,
                           (grad_out, x, w, mean, invstd, training, mask, b.dtype, 1e-5,
-                           y if fused else None))
+                           y if relu == "output" else None, relu == "input", b if relu == "input" else None))
 
 
 def test_fake_outputs_match_real_ones(device):

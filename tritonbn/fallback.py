@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .derivatives import relu_mask
 from .launch import acc_dtype, output_format
 
 
@@ -44,9 +45,10 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float, *,
 
 def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
              output_mask, bias_dtype: torch.dtype | None = None, *, output=None,
-             residual_grad: bool = False):
-    if output is not None:  # after a fused ReLU
-        grad_out = torch.where(output > 0, grad_out, 0)
+             residual_grad: bool = False, relu_from_input: bool = False, bias=None):
+    mask = relu_mask(x, weight, bias, save_mean, save_invstd, output, relu_from_input)
+    if mask is not None:  # after a fused ReLU
+        grad_out = torch.where(mask, grad_out, 0)
     dr = grad_out.clone(memory_format=output_format(x)) if residual_grad else None
     return (*_batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, output_mask,
                                   bias_dtype), dr)

@@ -296,12 +296,17 @@ def _launch_inference(x, view: View, fmt, weight, bias, running_mean, running_va
 def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
              output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None,
              config: LaunchConfig | None = None, *, output: torch.Tensor | None = None,
-             residual_grad: bool = False):
+             residual_grad: bool = False, relu_from_input: bool = False, bias: torch.Tensor | None = None):
     """(grad_input, grad_weight, grad_bias, grad_residual); an entry is None where
     output_mask is False, where there is no weight (grad_weight) or no bias
-    (bias_dtype None). After a fused ReLU, ``output`` is the forward's y, whose
-    sign masks grad_out; residual_grad asks for the residual's gradient, that
-    masked grad_out."""
+    (bias_dtype None). After a fused ReLU grad_out is masked where the
+    forward's y was not positive: ``output`` is that y, or, with
+    relu_from_input (training only), y's sign is recomputed from x, the saved
+    statistics, weight and ``bias``, and nothing more is read. residual_grad
+    asks for the residual's gradient, the masked grad_out."""
+    if relu_from_input and (output is not None or not training):
+        raise ValueError("relu_from_input recomputes the training forward's ReLU mask; "
+                         "it takes no output and needs training=True")
     need_dx, need_dw, need_db = output_mask
     need_dw = need_dw and weight is not None
     need_db = need_db and bias_dtype is not None
@@ -312,16 +317,19 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     output, y_strides = conform(output, view, fmt) if output is not None else (None, (0, 0, 0))
     launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, _dense(weight),
                                _dense(save_mean), _dense(save_invstd), training, (need_dx, need_dw, need_db),
-                               bias_dtype, output=output, y_strides=y_strides, residual_grad=residual_grad)
+                               bias_dtype, output=output, y_strides=y_strides, residual_grad=residual_grad,
+                               relu_bias=(_dense(bias),) if relu_from_input else None)
     return launch(_config("backward", view, x, config, launch))
 
 
 def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean, save_invstd,
                      training, output_mask, bias_dtype, cfg: LaunchConfig, *, sums=None,
-                     partials=None, count=None, output=None, y_strides=(0, 0, 0), residual_grad=False):
-    """SyncBatchNorm's uses (split regime): sums [2, C] given: write (sum g,
-    sum g * xhat) there as dbias / dweight; partials [2, P, C] and count given:
-    dx from those sums instead of x's own."""
+                     partials=None, count=None, output=None, y_strides=(0, 0, 0), residual_grad=False,
+                     relu_bias: tuple[torch.Tensor | None] | None = None):
+    """relu_bias: (bias or None,) to recompute a fused ReLU's mask from x (see
+    backward). SyncBatchNorm's uses (split regime): sums [2, C] given: write
+    (sum g, sum g * xhat) there as dbias / dweight; partials [2, P, C] and
+    count given: dx from those sums instead of x's own."""
     need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
     dr = torch.empty_like(x, memory_format=fmt) if residual_grad else None
@@ -336,15 +344,20 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
     input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
                          **_named_strides("y", y_strides))
     relu = output is not None
+    relu_from_x = relu_bias is not None
+    bias = relu_bias[0] if relu_from_x else None
+    # what the sums kernel shares with the others
+    affine_args = dict(Weight=dummy if weight is None else weight, Bias=dummy if bias is None else bias,
+                       HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                       RELU=relu, RELU_FROM_X=relu_from_x)
     args = dict(
         Y=output if relu else x, DR=dr if residual_grad else dx_,
-        Weight=dummy if weight is None else weight, Mean=save_mean, Invstd=save_invstd,
+        Mean=save_mean, Invstd=save_invstd,
         DWeight=dw if need_dw else dummy, DBias=db if need_db else dummy,
         N=view.N, C=view.C, S=view.S, **input_strides,
         **_named_strides("dx", _strides(dx_, view)),
-        HAS_WEIGHT=weight is not None, TRAINING=training,
-        STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
-        RELU=relu, STORE_DRESIDUAL=residual_grad,
+        TRAINING=training, STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
+        STORE_DRESIDUAL=residual_grad, **affine_args,
         **_meta(view, cfg, x, grad_out, dx_, output),
     )
     if cfg.regime == "resident":
@@ -356,9 +369,9 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
     if partials is None and has_sums:
         partials = torch.empty((2, grid[1] * grid[2], view.C), dtype=acc_dtype(x.dtype), device=x.device)
         kernels.bn_bwd_sums_kernel[grid](
-            x, grad_out, args["Y"], save_mean, save_invstd, partials, view.N, view.C, view.S,
-            **input_strides, n_per_split=n_per_split, s_per_split=s_per_split, RELU=relu,
-            **_meta(view, cfg, x, grad_out, output))
+            x, grad_out, args["Y"], Mean=save_mean, Invstd=save_invstd, Partials=partials,
+            N=view.N, C=view.C, S=view.S, **input_strides, n_per_split=n_per_split,
+            s_per_split=s_per_split, **affine_args, **_meta(view, cfg, x, grad_out, output))
     num_splits = 1 if partials is None else partials.shape[1]
     # without elementwise outputs, one program per channel block is enough to merge the sums
     dx_grid = grid if need_dx or residual_grad else (grid[0], 1, 1)

@@ -7,9 +7,10 @@ Each op has a fake implementation (shapes, dtypes, strides only), so
 torch.compile(fullgraph=True) traces through without a graph break.
 
 Both ops carry the fused epilogue (y = relu(bn(x) + residual)): the forward
-takes (residual, relu), the backward the forward's output to mask with and a
-fourth gradient, the residual's. The backward op's own autograd is the double
-backward, in torch ops (tritonbn.derivatives).
+takes (residual, relu), the backward what it masks grad_out with (the
+forward's output, or relu_from_input: recompute y's sign from x, weight and
+bias) and a fourth gradient, the residual's. The backward op's own autograd
+is the double backward, in torch ops (tritonbn.derivatives).
 
 In plain eager mode BatchNormFunction calls the ops' implementations directly
 (see _plain_eager); tracing, dispatch modes and tensor subclasses get the ops,
@@ -100,12 +101,16 @@ def _backward(
     bias_dtype: Optional[torch.dtype],
     eps: float,
     output: Optional[Tensor],
+    relu_from_input: bool,
+    bias: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_residual), asked for by the four
     entries of output_mask; one not asked for, or with no parameter to go to,
-    comes back as an empty tensor. ``output`` is the forward's y after a fused
-    ReLU (its sign masks grad_out), else None. eps is not needed here; the
-    double backward rebuilds invstd from x with it."""
+    comes back as an empty tensor. After a fused ReLU grad_out is masked where
+    the forward's y was not positive: ``output`` is that y (else None), or
+    relu_from_input (training, no residual) recomputes y's sign from input,
+    the statistics, weight and ``bias``, which is read only then. eps is not
+    needed here; the double backward rebuilds invstd from x with it."""
     need_dx, need_dw, need_db, need_dr = output_mask
     if input.numel() == 0:
         empty = functools.partial(torch.empty_like, input, memory_format=launch.output_format(input))
@@ -117,7 +122,8 @@ def _backward(
         impl = launch if runs_triton(input) else fallback
         dx, dw, db, dr = impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
                                        (need_dx, need_dw, need_db), bias_dtype, output=output,
-                                       residual_grad=need_dr)
+                                       residual_grad=need_dr, relu_from_input=relu_from_input,
+                                       bias=bias)
     placeholder = input.new_empty((0,))
     return tuple(placeholder.clone() if t is None else t for t in (dx, dw, db, dr))
 
@@ -127,7 +133,8 @@ batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps, output):
+def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps, output,
+      relu_from_input, bias):
     need_dx, need_dw, need_db, need_dr = output_mask
     like_input = functools.partial(torch.empty_like, input, memory_format=launch.output_format(input))
     dx = like_input() if need_dx else input.new_empty((0,))
@@ -138,14 +145,15 @@ def _(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bi
 
 
 def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype, eps,
-                   output):
+                   output, relu_from_input, bias):
     """_backward's results (None where not asked) from derivatives.backward_formula."""
     if input.numel() == 0:
         grads = _backward(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
-                          bias_dtype, eps, output)
+                          bias_dtype, eps, output, relu_from_input, bias)
         return tuple(g if asked else None for g, asked in zip(grads, output_mask))
+    mask = derivatives.relu_mask(input, weight, bias, save_mean, save_invstd, output, relu_from_input)
     dx, dw, db, dr = derivatives.backward_formula(grad_out, input, weight, save_mean, save_invstd,
-                                                  training, eps, output)
+                                                  training, eps, mask)
     return (dx.to(input.dtype) if output_mask[0] else None,
             dw.to(weight.dtype) if output_mask[1] and weight is not None else None,
             db.to(bias_dtype) if output_mask[2] and bias_dtype is not None else None,
@@ -153,9 +161,10 @@ def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, ou
 
 
 def _setup_double_backward(ctx, inputs, output):
-    grad_out, input, weight, save_mean, save_invstd, training, output_mask, _, eps, y = inputs
-    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd, y)
-    ctx.training, ctx.output_mask, ctx.eps = training, output_mask, eps
+    (grad_out, input, weight, save_mean, save_invstd, training, output_mask, _, eps, y,
+     relu_from_input, bias) = inputs
+    ctx.save_for_backward(grad_out, input, weight, save_mean, save_invstd, y, bias)
+    ctx.training, ctx.output_mask, ctx.eps, ctx.relu_from_input = training, output_mask, eps, relu_from_input
 
 
 def _double_backward(ctx, *grad_grads):
@@ -165,7 +174,7 @@ def _double_backward(ctx, *grad_grads):
     (grad_out depends on input through the loss, and the outer autograd adds
     that path), and what it returns is differentiable, so a third derivative
     works too. A fused ReLU's mask is piecewise constant: no gradient to y."""
-    grad_out, input, weight, save_mean, save_invstd, y = ctx.saved_tensors
+    grad_out, input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
     primals = (grad_out, input, weight)
     wanted = [i for i, (t, need) in enumerate(zip(primals, ctx.needs_input_grad[:3]))
               if need and t is not None]
@@ -173,11 +182,14 @@ def _double_backward(ctx, *grad_grads):
     if input.numel() == 0:  # empty batch: nothing flows (the formula would divide by m = 0)
         grads = [torch.zeros_like(primals[i]) if i in wanted else None for i in range(3)]
     elif wanted:
+        mask = derivatives.relu_mask(input.detach(), weight, bias, save_mean, save_invstd, y,
+                                     ctx.relu_from_input)
+
         def formula(*differentiated):
             args = list(primals)
             for i, t in zip(wanted, differentiated):
                 args[i] = t
-            return derivatives.backward_formula(*args, save_mean, save_invstd, ctx.training, ctx.eps, y)
+            return derivatives.backward_formula(*args, save_mean, save_invstd, ctx.training, ctx.eps, mask)
 
         outputs, vjp = torch.func.vjp(formula, *(primals[i] for i in wanted))
         cotangents = tuple(
@@ -185,7 +197,7 @@ def _double_backward(ctx, *grad_grads):
             for out, grad, asked in zip(outputs, grad_grads, ctx.output_mask))
         for i, grad in zip(wanted, vjp(cotangents)):
             grads[i] = grad
-    return (*grads, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("tritonbn::batch_norm_backward", _double_backward,
@@ -218,10 +230,10 @@ def mark_updated(*tensors: Tensor | None) -> None:
 class BatchNormFunction(torch.autograd.Function):
     """Forward and backward ops tied for autograd. apply returns (y, save_mean,
     save_invstd), the statistics not differentiable; backward saves only (x,
-    weight, save_mean, save_invstd, and y after a fused ReLU) and routes
-    gradients to what requires them. forward and setup_context are separate so
-    torch.func.grad / jacrev work. What torch.compile traces; eager calls
-    EagerBatchNormFunction."""
+    weight, save_mean, save_invstd) and, after a fused ReLU, what its mask
+    comes from (see setup_context), and routes gradients to what requires
+    them. forward and setup_context are separate so torch.func.grad / jacrev
+    work. What torch.compile traces; eager calls EagerBatchNormFunction."""
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -240,7 +252,15 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, bias, *_, training, _, eps, residual, relu = inputs
         y, save_mean, save_invstd = output
         ctx.mark_non_differentiable(save_mean, save_invstd)
-        saved = (input, weight, save_mean, save_invstd, y if relu else None)
+        # After a fused ReLU the backward masks grad_out where y was not positive.
+        # In training without a residual the Triton kernels recompute that sign
+        # from x (read anyway), weight and bias with the forward's own arithmetic:
+        # bias is saved and y is not, so the backward reads no more than an
+        # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
+        # fallback path, whose rounding may differ) y is saved and read.
+        ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
+        saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
+                 bias if ctx.relu_from_input else None)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.training, ctx.eps = training, eps
@@ -248,19 +268,19 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):
-        input, weight, save_mean, save_invstd, y = ctx.saved_tensors
+        input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
         need_residual = ctx.needs_input_grad[9]
         # without a ReLU the residual's gradient is grad_out itself: no kernel writes it
         mask = [bool(m) for m in ctx.needs_input_grad[:3]] + [need_residual and y is not None]
         grads = [None, None, None, None]
         if any(mask):
             args = (grad_out, input, weight, save_mean, save_invstd, ctx.training, mask, ctx.bias_dtype,
-                    ctx.eps, y)
+                    ctx.eps, y, ctx.relu_from_input, bias)
             if torch._C._are_functorch_transforms_active():
                 # torch.func.grad / jacrev: the custom op's autograd does not support
                 # functorch, so differentiate the formula in torch ops
                 found = _formula_grads(*args)
-            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y):
+            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y, bias):
                 found = _backward(*args)
             else:  # create_graph=True or tracing: the op, whose autograd is the double backward
                 found = torch.ops.tritonbn.batch_norm_backward(*args)
@@ -301,7 +321,8 @@ class EagerBatchNormFunction(BatchNormFunction):
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, *other_tangents):
         """Forward-mode derivative of y (torch.func.jvp, jacfwd, hessian)."""
-        input, weight, save_mean, save_invstd, y = ctx.saved_tensors
+        input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
+        mask = derivatives.relu_mask(input, weight, bias, save_mean, save_invstd, y, ctx.relu_from_input)
         y_t = derivatives.output_tangent(input, weight, save_mean, save_invstd, ctx.training,
-                                         input_t, weight_t, bias_t, other_tangents[6], y)
+                                         input_t, weight_t, bias_t, other_tangents[6], mask)
         return y_t.to(input.dtype), None, None
