@@ -107,8 +107,10 @@ def relu_mask_from_x(x, mean, scale, bias, OUT_DTYPE: tl.constexpr):
     recomputed from x instead of read from y: y > 0 with y = fma(x - mean,
     scale, bias) rounded to the output dtype. The forward kernels compute y with
     these same operations (one fma, never a separate multiply and add) from the
-    same save_mean / save_invstd values, so the mask is theirs bit for bit."""
-    return tl.fma(x - mean, scale, bias).to(OUT_DTYPE) > 0
+    same save_mean / save_invstd values, so the mask is theirs bit for bit.
+    The rounded y is compared in x's dtype: triton 3.9's interpreter compares
+    a just-converted bfloat16 tensor as raw bits (-1.5 > 0 there)."""
+    return tl.fma(x - mean, scale, bias).to(OUT_DTYPE).to(x.dtype) > 0
 
 
 @triton.jit
