@@ -95,22 +95,26 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
         launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
-    elif op == "fused":  # batch_norm_relu with and without a residual: forward, inference, backward
+    elif op in ("fused", "fused_forward", "fused_backward"):
+        # batch_norm_relu with and without a residual; "fused" runs both directions with one config
         residual = torch.empty_like(x)
         nbt = torch.empty((), dtype=torch.long, device="meta")
-        y, mean, invstd = launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5,
-                                                  config=config, residual=residual, relu=True)
-        if config.regime == "split":
-            launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, residual=residual,
-                                     relu=True)
-        for training in (True, False):
-            launch.backward(torch.empty_like(x), x, weight, mean, invstd, training, (True, True, True),
-                            bias.dtype, config=config, output=y, residual_grad=True)
-        # ReLU alone in training: the mask recomputed from x, with and without dx
-        launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config, relu=True)
-        for mask in ((True, True, True), (False, True, True)):
-            launch.backward(torch.empty_like(x), x, weight, mean, invstd, True, mask, bias.dtype,
-                            config=config, relu_from_input=True, bias=bias)
+        mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)
+        y = torch.empty_like(x)
+        if op != "fused_backward":
+            launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config,
+                                    residual=residual, relu=True)
+            launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config, relu=True)
+            if config.regime == "split":
+                launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, residual=residual,
+                                         relu=True)
+        if op != "fused_forward":
+            for training in (True, False):  # the mask read from y
+                launch.backward(torch.empty_like(x), x, weight, mean, invstd, training, (True, True, True),
+                                bias.dtype, config=config, output=y, residual_grad=True)
+            for mask in ((True, True, True), (False, True, True)):  # ReLU alone: recomputed from x
+                launch.backward(torch.empty_like(x), x, weight, mean, invstd, True, mask, bias.dtype,
+                                config=config, relu_from_input=True, bias=bias)
     elif op == "sync":  # SyncBatchNorm's launches (tritonbn/distributed.py), two processes' stats
         from tritonbn.autotune import override
         with override(forward=config, backward=config):
@@ -196,10 +200,13 @@ def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
                 x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
                 _, view, _ = launch.plan(x)
                 for op in ops:
-                    problem = Problem(op, view.N, view.C, view.S, view.channel_inner, dtype,
-                                      torch.device("cuda", 0))
-                    configs = candidates(problem) if with_candidates else [heuristic(problem)]
-                    out += [(op, shape, dtype, layout == "channels_last", c) for c in configs]
+                    # the fused epilogue launches with the forward's and the backward's configs
+                    for launched in (("fused_forward", "fused_backward") if op == "fused" else (op,)):
+                        tuned_op = launched.removeprefix("fused_")
+                        problem = Problem(tuned_op, view.N, view.C, view.S, view.channel_inner, dtype,
+                                          torch.device("cuda", 0))
+                        configs = candidates(problem) if with_candidates else [heuristic(problem)]
+                        out += [(launched, shape, dtype, layout == "channels_last", c) for c in configs]
     return out
 
 
@@ -212,8 +219,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
     parser.add_argument("--dtypes", nargs="+", choices=list(ARCH_DTYPES), default=["fp32", "fp16", "bf16"])
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
-    parser.add_argument("--ops", nargs="+", choices=["forward", "backward", "inference"],
-                        default=["forward", "backward", "inference"])
+    parser.add_argument("--ops", nargs="+", choices=["forward", "backward", "inference", "fused"],
+                        default=["forward", "backward", "inference"],
+                        help="fused: batch_norm_relu with and without a residual, forward and backward")
     parser.add_argument("--candidates", action="store_true",
                         help="every autotune candidate, not only the heuristic's choice")
     args = parser.parse_args(argv)

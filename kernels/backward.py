@@ -163,18 +163,17 @@ def bn_bwd_dx_kernel(
                 g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                               stride_yn, stride_yc, stride_ys, RELU,
                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
-                if TRAINING and (COMPUTE_DX or RELU_FROM_X):
-                    offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-                    if RELU_FROM_X:
-                        g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
                 dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                if STORE_DRESIDUAL:
+                if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
                     tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
                 if COMPUTE_DX:
                     if TRAINING:
+                        offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                        if RELU_FROM_X:
+                            g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
                         dx = scale * (g - g_shift) - (x - mean) * xmu_coef
                     else:
                         dx = scale * g

@@ -304,9 +304,9 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     relu_from_input (training only), y's sign is recomputed from x, the saved
     statistics, weight and ``bias``, and nothing more is read. residual_grad
     asks for the residual's gradient, the masked grad_out."""
-    if relu_from_input and (output is not None or not training):
-        raise ValueError("relu_from_input recomputes the training forward's ReLU mask; "
-                         "it takes no output and needs training=True")
+    if relu_from_input and (output is not None or residual_grad or not training):
+        raise ValueError("relu_from_input recomputes the training forward's ReLU mask without a "
+                         "residual; it takes no output or residual_grad and needs training=True")
     need_dx, need_dw, need_db = output_mask
     need_dw = need_dw and weight is not None
     need_db = need_db and bias_dtype is not None
