@@ -318,18 +318,18 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     launch = functools.partial(_launch_backward, grad_out, g_strides, x, view, fmt, _dense(weight),
                                _dense(save_mean), _dense(save_invstd), training, (need_dx, need_dw, need_db),
                                bias_dtype, output=output, y_strides=y_strides, residual_grad=residual_grad,
-                               relu_bias=(_dense(bias),) if relu_from_input else None)
+                               relu_from_input=relu_from_input, bias=_dense(bias))
     return launch(_config("backward", view, x, config, launch))
 
 
 def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean, save_invstd,
                      training, output_mask, bias_dtype, cfg: LaunchConfig, *, sums=None,
                      partials=None, count=None, output=None, y_strides=(0, 0, 0), residual_grad=False,
-                     relu_bias: tuple[torch.Tensor | None] | None = None):
-    """relu_bias: (bias or None,) to recompute a fused ReLU's mask from x (see
-    backward). SyncBatchNorm's uses (split regime): sums [2, C] given: write
-    (sum g, sum g * xhat) there as dbias / dweight; partials [2, P, C] and
-    count given: dx from those sums instead of x's own."""
+                     relu_from_input=False, bias=None):
+    """output / relu_from_input, bias: a fused ReLU's mask (see backward).
+    SyncBatchNorm's uses (split regime): sums [2, C] given: write (sum g,
+    sum g * xhat) there as dbias / dweight; partials [2, P, C] and count
+    given: dx from those sums instead of x's own."""
     need_dx, need_dw, need_db = output_mask
     dx = torch.empty_like(x, memory_format=fmt) if need_dx else None
     dr = torch.empty_like(x, memory_format=fmt) if residual_grad else None
@@ -344,12 +344,11 @@ def _launch_backward(grad_out, g_strides, x, view: View, fmt, weight, save_mean,
     input_strides = dict(**_named_strides("x", _strides(x, view)), **_named_strides("g", g_strides),
                          **_named_strides("y", y_strides))
     relu = output is not None
-    relu_from_x = relu_bias is not None
-    bias = relu_bias[0] if relu_from_x else None
+    has_bias = relu_from_input and bias is not None  # bias is read for the mask only
     # what the sums kernel shares with the others
-    affine_args = dict(Weight=dummy if weight is None else weight, Bias=dummy if bias is None else bias,
-                       HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                       RELU=relu, RELU_FROM_X=relu_from_x)
+    affine_args = dict(Weight=dummy if weight is None else weight, Bias=bias if has_bias else dummy,
+                       HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias,
+                       RELU=relu, RELU_FROM_X=relu_from_input)
     args = dict(
         Y=output if relu else x, DR=dr if residual_grad else dx_,
         Mean=save_mean, Invstd=save_invstd,
