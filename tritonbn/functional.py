@@ -56,8 +56,9 @@ def batch_norm_relu(
     pass: the epilogue of a ResNet block. Arguments and running-stat updates as
     batch_norm; residual has the input's shape, dtype and device.
 
-    Saves memory traffic (no intermediate tensors, and the backward masks with
-    the output, which the next layer keeps anyway) and rounds once to the
+    Saves memory traffic (no intermediate tensors; the backward recomputes the
+    ReLU mask from input in training without a residual, and otherwise masks
+    with the output, which the next layer keeps anyway) and rounds once to the
     output dtype, so half-precision results can differ from the unfused chain
     by a unit in the last place.
     """
