@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import launch
+from tritonbn import launch, plans
 from tritonbn.autotune import override
 from reference import (assert_matches_reference, reference_batch_norm, reference_grads,
                        resident, split)
@@ -133,7 +133,7 @@ def test_ragged_shapes_in_both_regimes(device, shape, regime, channels_last):
 def test_merge_of_more_partials_than_one_merge_step(device, monkeypatch):
     """More partials than one merge step holds: the merge loops over chunks
     (Chan-combining chunk results) in the forward, and sums chunks in the backward."""
-    monkeypatch.setattr(launch, "MERGE_TILE", 8)  # 4 splits x 2 channels per step
+    monkeypatch.setattr(plans, "MERGE_TILE", 8)  # 4 splits x 2 channels per step
     x = torch.randn(11, 2, 3, device=device) + 5.0
     config = split(block_n=1, block_c=2, block_s=4, split_n=11, split_s=1)
     with override(forward=config, backward=config):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import launch
+from tritonbn import launch, plans
 from tritonbn.autotune import override
 from reference import resident, split
 
@@ -73,7 +73,7 @@ def test_int64_offsets_path(device, monkeypatch):
 
     with override(forward=split(), backward=split(), inference=split()):
         expected = run()
-        monkeypatch.setattr(launch, "_needs_int64", lambda *tensors: True)
+        monkeypatch.setattr(plans, "needs_int64", lambda *tensors: True)
         for a, b in zip(run(), expected):
             assert torch.equal(a, b)
 

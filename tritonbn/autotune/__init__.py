@@ -14,8 +14,8 @@ from .cache import Cache
 from .config import LaunchConfig, Problem, candidates, heuristic
 from .tuner import Trial, Tuner
 
-__all__ = ["Cache", "LaunchConfig", "Problem", "Tuner", "candidates", "choose_config", "get_tuner",
-           "heuristic", "override", "use_tuner"]
+__all__ = ["Cache", "LaunchConfig", "Problem", "Tuner", "candidates", "choose_config", "forced_configs",
+           "get_tuner", "heuristic", "override", "use_tuner"]
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonbn_forced_configs",
                                                                      default=None)
@@ -35,6 +35,11 @@ def override(**configs: LaunchConfig) -> Iterator[None]:
         yield
     finally:
         _forced.reset(token)
+
+
+def forced_configs() -> dict | None:
+    """The configs forced by the innermost ``override`` block (op -> config), or None."""
+    return _forced.get()
 
 
 def get_tuner() -> Tuner:

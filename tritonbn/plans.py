@@ -1,0 +1,396 @@
+"""Launch plans: what a call's kernel launches need beyond its tensors,
+computed once per call key and cached.
+
+A call's key holds everything its launches and its argument checks depend on:
+shapes, strides, dtypes and devices of every tensor (None for an absent one),
+the flags (training, fused ReLU, the backward's output mask), momentum and
+eps, and where its launch settings come from (the tuner in use, a forced
+config). From the key alone follow the canonical view (kernels/common.py),
+the memory format and strides of the outputs, the config, the grids, the
+constexprs and every scalar argument; a plan holds them, ready to launch.
+A repeated call looks its key up, allocates its outputs and launches
+(tritonbn.launch.run_*): no view analysis, no config choice, no argument
+building.
+
+Checks stay complete: a plan is stored only for a call that passed every
+check (tritonbn.checks), and a call whose key differs in anything a check
+reads (a wrong channel count, device or dtype, one value per channel in
+training, eps) misses the cache and is checked in full.
+
+Not cached (such calls take the full path each time): inputs no canonical
+view fits (copied first), strided per-channel tensors (dense copies), a
+config forced with ``tritonbn.autotune.override``, and anything chosen
+during CUDA-graph capture (the tuner cannot time there).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+import triton.language as tl
+from torch._prims_common import suggest_memory_format
+
+from . import autotune
+from .autotune import LaunchConfig, Problem, Trial, choose_config
+from .autotune.config import cdiv, next_power_of_2
+
+_ACC = {torch.float64: tl.float64}
+_INT32_MAX = 2**31 - 1
+# Distinct keys kept; past that the cache starts over (a process that sees
+# this many shapes is tracing or sweeping, not training).
+MAX_PLANS = 4096
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format PyTorch gives batch_norm's output (and grad_input)."""
+    return suggest_memory_format(x)
+
+
+# ---------------------------------------------------------------- canonical views
+
+@dataclass(frozen=True)
+class View:
+    """Sizes of the canonical (N, C, S) view and which axis is the unit-stride one
+    (each tensor's strides come from strides_in)."""
+
+    N: int
+    C: int
+    S: int
+    channel_inner: bool
+
+
+def _collapsed_spatial_stride(t: torch.Tensor) -> int | None:
+    """Stride of the spatial dims read as one run, or None if they do not collapse."""
+    stride_s, expected = None, None
+    for size, stride in zip(reversed(t.shape[2:]), reversed(t.stride()[2:])):
+        if size == 1:
+            continue
+        if stride_s is None:
+            stride_s, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected *= size
+    return 1 if stride_s is None else stride_s
+
+
+def strides_in(t: torch.Tensor, view: View) -> tuple[int, int, int] | None:
+    """(stride_n, stride_c, stride_s) of t in `view`, or None if t does not fit it."""
+    stride_s = _collapsed_spatial_stride(t)
+    if stride_s is None:
+        return None
+    stride_c = t.stride(1)
+    if view.channel_inner and view.C > 1 and stride_c != 1:
+        return None
+    if not view.channel_inner and view.S > 1 and stride_s != 1:
+        return None
+    return t.stride(0), stride_c, stride_s
+
+
+def canonical(x: torch.Tensor) -> tuple[torch.Tensor, View, torch.memory_format]:
+    """The input as read by the kernels (copied only if no view fits), its view,
+    and the memory format of the outputs."""
+    fmt = output_format(x)
+    S = math.prod(x.shape[2:])
+    channel_inner = S == 1 or fmt in (torch.channels_last, torch.channels_last_3d)
+    view = View(x.shape[0], x.shape[1], S, channel_inner)
+    if strides_in(x, view) is None:
+        x = x.contiguous(memory_format=fmt)
+    return x, view, fmt
+
+
+def conform(t: torch.Tensor, view: View,
+            fmt: torch.memory_format) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """t (an input of the same shape) with strides that fit `view`, copied if needed."""
+    strides = strides_in(t, view)
+    if strides is None:
+        t = t.contiguous(memory_format=fmt)
+        strides = strides_in(t, view)
+    return t, strides
+
+
+def dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel vector the kernels can index as ``ptr + c``: a strided or
+    expanded one (a column of a matrix, ``expand``) is copied, C values."""
+    return t if t is None or t.stride(0) == 1 or t.shape[0] <= 1 else t.contiguous()
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether any element offset of these tensors (None: absent) can pass int32."""
+    return any(sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) > _INT32_MAX
+               for t in tensors if t is not None)
+
+
+def _to_float32(value: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32's range: what a float32 cast gives
+        return math.copysign(math.inf, value)
+
+
+@functools.lru_cache(maxsize=64)
+def hi_lo(value: float) -> tuple[float, float]:
+    """value as two float32 halves: Triton passes Python floats as fp32, and
+    float64 inputs need momentum and eps to ~48 bits."""
+    hi = _to_float32(value)
+    return hi, _to_float32(value - hi)
+
+
+def grid_split(view: View, cfg: LaunchConfig) -> tuple[tuple[int, int, int], int, int]:
+    """Grid and the per-program share (whole tiles) along N and along S."""
+    n_per_split = cdiv(cdiv(view.N, cfg.block_n), cfg.split_n) * cfg.block_n
+    s_per_split = cdiv(cdiv(view.S, cfg.block_s), cfg.split_s) * cfg.block_s
+    grid = (cdiv(view.C, cfg.block_c), cdiv(view.N, n_per_split), cdiv(view.S, s_per_split))
+    return grid, n_per_split, s_per_split
+
+
+# Elements of the [splits x channels] tile a program merges partials in per step.
+MERGE_TILE = 4096
+
+
+def split_block(num_splits: int, block_c: int) -> int:
+    """Partials merged per step: all of them, up to a MERGE_TILE-element tile."""
+    return min(next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
+
+
+def named_strides(prefix: str, strides: tuple[int, int, int]) -> dict:
+    return {f"stride_{prefix}n": strides[0], f"stride_{prefix}c": strides[1],
+            f"stride_{prefix}s": strides[2]}
+
+
+def meta_acc_dtype(dtype: torch.dtype):
+    """The kernels' ACC_DTYPE constexpr for data of this dtype."""
+    return _ACC.get(dtype, tl.float32)
+
+
+def meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor | None) -> dict:
+    """The tile constexprs and warps every data kernel takes."""
+    return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s,
+                CHANNEL_INNER=view.channel_inner, INT64=needs_int64(x, *tensors),
+                ACC_DTYPE=meta_acc_dtype(x.dtype), num_warps=cfg.num_warps)
+
+
+def problem(op: str, view: View, x: torch.Tensor) -> Problem:
+    return Problem(op, view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
+
+
+def choose(op: str, view: View, x: torch.Tensor, config: LaunchConfig | None,
+           trial: Trial) -> LaunchConfig:
+    """The given config (validated), or the one the autotune layer chooses."""
+    if config is None:
+        return choose_config(problem(op, view, x), trial)
+    config.validate(problem(op, view, x))
+    return config
+
+
+# ---------------------------------------------------------------- plans
+
+def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Size and strides of an output like x in memory format fmt."""
+    return tuple(x.shape), torch.empty_like(x, memory_format=fmt, device="meta").stride()
+
+
+@dataclass(eq=False)
+class ForwardPlan:
+    """Training forward (regime resident: one kernel; split: stats, then
+    normalize) or inference. ``args`` are the scalar and constexpr keyword
+    arguments of the main kernel, ``stats_args`` those of the split regime's
+    statistics kernel."""
+
+    training: bool
+    regime: str
+    view: View
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    stats_dtype: torch.dtype
+    grid: tuple[int, ...]
+    args: dict
+    stats_args: dict = field(default_factory=dict)
+    num_splits: int = 1
+
+
+def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight, bias, update: bool,
+                 momentum, eps, residual, r_strides, relu: bool, num_splits: int | None = None) -> ForwardPlan:
+    """The plan of a training (or, training=False, inference) forward of x (already
+    fitting `view`) with config cfg; residual, when given, fits the view too.
+    num_splits given (SyncBatchNorm): the normalize kernel merges that many
+    partials made elsewhere, and no statistics kernel runs."""
+    size, stride = _allocation(x, fmt)
+    y_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
+    eps_hi, eps_lo = hi_lo(eps)
+    args = dict(
+        N=view.N, C=view.C, S=view.S,
+        **named_strides("x", strides_in(x, view)), **named_strides("y", strides_in(y_meta, view)),
+        **named_strides("r", r_strides),
+        eps_hi=eps_hi, eps_lo=eps_lo,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None, RELU=relu,
+        **meta(view, cfg, x, y_meta, residual),
+    )
+    grid, n_per_split, s_per_split = grid_split(view, cfg)
+    plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride,
+                       acc_dtype(x.dtype), grid, args)
+    if not training:
+        args.update(n_per_split=n_per_split, s_per_split=s_per_split)
+        return plan
+    momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
+    args.update(momentum_hi=momentum_hi, momentum_lo=momentum_lo, UPDATE_RUNNING=update,
+                CUMULATIVE_AVERAGE=momentum is None)
+    if cfg.regime == "resident":
+        plan.grid = (grid[0],)
+        return plan
+    if num_splits is None:
+        num_splits = grid[1] * grid[2]
+        plan.stats_args = dict(N=view.N, C=view.C, S=view.S, **named_strides("x", strides_in(x, view)),
+                               n_per_split=n_per_split, s_per_split=s_per_split, **meta(view, cfg, x))
+    plan.num_splits = num_splits
+    args.update(n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
+                SPLIT_BLOCK=split_block(num_splits, cfg.block_c))
+    return plan
+
+
+@dataclass(eq=False)
+class BackwardPlan:
+    """Backward (regime resident: one kernel; split: sums, then dx).
+    ``args``: the dx (or resident) kernel's scalar and constexpr keyword
+    arguments; ``sums_args``: the sums kernel's (split regime, when it runs)."""
+
+    regime: str
+    view: View
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    stats_dtype: torch.dtype
+    dweight_dtype: torch.dtype | None  # None: no grad_weight
+    dbias_dtype: torch.dtype | None    # None: no grad_bias
+    need_dx: bool
+    residual_grad: bool
+    has_sums: bool
+    reads_bias: bool
+    grid: tuple[int, ...]
+    dx_grid: tuple[int, ...]
+    args: dict
+    sums_args: dict = field(default_factory=dict)
+    num_splits: int = 1
+
+
+def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight,
+                  output_mask, bias_dtype, output, residual_grad: bool, relu_from_input: bool,
+                  has_bias: bool, partials_given: bool = False, count: float | None = None) -> BackwardPlan:
+    """The plan of a backward of x with config cfg; grad_out and output (when
+    given) fit `view` as x does. output_mask: (dx, dweight, dbias) wanted, and
+    available (a weight, a bias_dtype). has_bias: a bias is read for the
+    recomputed ReLU mask. partials_given (SyncBatchNorm): the sums come from
+    all processes, so no sums kernel runs; count is then what they are divided by."""
+    need_dx, need_dw, need_db = output_mask
+    size, stride = _allocation(x, fmt)
+    out_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
+    # dx and dr are allocated alike, so dr uses dx's strides; without either, x's
+    dx_like = out_meta if (need_dx or residual_grad) else x
+    relu = output is not None
+    affine_args = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, RELU=relu,
+                       RELU_FROM_X=relu_from_input)
+    input_strides = dict(**named_strides("x", strides_in(x, view)), **named_strides("g", strides_in(grad_out, view)),
+                         **named_strides("y", (0, 0, 0) if output is None else strides_in(output, view)))
+    args = dict(
+        N=view.N, C=view.C, S=view.S, **input_strides,
+        **named_strides("dx", strides_in(dx_like, view)),
+        TRAINING=training, STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
+        STORE_DRESIDUAL=residual_grad, **affine_args,
+        **meta(view, cfg, x, grad_out, dx_like, output),
+    )
+    grid, n_per_split, s_per_split = grid_split(view, cfg)
+    has_sums = training or need_dw or need_db
+    plan = BackwardPlan(cfg.regime, view, size, stride, acc_dtype(x.dtype),
+                        weight.dtype if need_dw and weight is not None else None,
+                        bias_dtype if need_db else None,
+                        need_dx, residual_grad, has_sums, has_bias, grid, grid, args)
+    if cfg.regime == "resident":
+        plan.grid = plan.dx_grid = (grid[0],)
+        return plan
+    if has_sums and not partials_given:
+        plan.num_splits = grid[1] * grid[2]
+        plan.sums_args = dict(N=view.N, C=view.C, S=view.S, **input_strides, n_per_split=n_per_split,
+                              s_per_split=s_per_split, **affine_args, **meta(view, cfg, x, grad_out, output))
+    # without elementwise outputs, one program per channel block is enough to merge the sums
+    plan.dx_grid = grid if need_dx or residual_grad else (grid[0], 1, 1)
+    args.update(n_per_split=n_per_split, s_per_split=s_per_split, num_splits=plan.num_splits,
+                count=float(view.N * view.S) if count is None else count, HAS_SUMS=has_sums,
+                SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
+    return plan
+
+
+# ---------------------------------------------------------------- keys and the cache
+
+_plans: dict[tuple, object] = {}
+
+
+def lookup(key: tuple):
+    return _plans.get(key)
+
+
+def remember(key: tuple, plan) -> None:
+    if len(_plans) >= MAX_PLANS:
+        _plans.clear()
+    _plans[key] = plan
+
+
+def clear() -> None:
+    """Forget every plan (the next call of each key builds its plan again)."""
+    _plans.clear()
+
+
+def _source(op: str):
+    """Where the config of `op` comes from: a forced config (override), else the
+    tuner in use (its identity: use_tuner swaps it). None: do not cache."""
+    forced = autotune.forced_configs()
+    if forced is not None and op in forced:
+        return None
+    return autotune.get_tuner()
+
+
+def forward_key(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
+                momentum, eps, residual, relu: bool) -> tuple:
+    """The key of a forward call. Eval ignores momentum and num_batches_tracked,
+    as the kernels do. Inlined attribute reads: this runs on every call."""
+    if training:
+        tracked = None if num_batches_tracked is None else (
+            num_batches_tracked.shape, num_batches_tracked.dtype, num_batches_tracked.device)
+        head = (True, momentum, eps, relu, tracked)
+    else:
+        head = (False, None, eps, relu, None)
+    return (*head,
+            input.shape, input.stride(), input.dtype, input.device,
+            None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
+            None if running_mean is None else (running_mean.shape, running_mean.stride(),
+                                               running_mean.dtype, running_mean.device),
+            None if running_var is None else (running_var.shape, running_var.stride(),
+                                              running_var.dtype, running_var.device),
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                           residual.device))
+
+
+def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
+                 bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple:
+    return (training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
+            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+            input.shape, input.stride(), input.dtype, input.device,
+            None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
+            save_mean.shape, save_mean.stride(), save_mean.dtype,
+            save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
+            None if output is None else (output.shape, output.stride(), output.dtype),
+            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device))
+
+
+def with_source(op: str, key: tuple) -> tuple | None:
+    """key extended by the config's source, or None when the plan must not be cached."""
+    source = _source(op)
+    return None if source is None else (op, source, *key)
