@@ -18,6 +18,22 @@ def check_rank(input: torch.Tensor) -> None:
             f"of shape {tuple(input.shape)}")
 
 
+def check_mode(input: torch.Tensor, training: bool, eps: float) -> None:
+    """What training and eps ask of the input: more than one value per channel
+    to take batch statistics from, and an eps that keeps var + eps positive."""
+    if training:
+        values_per_channel = input.shape[0]
+        for dim in input.shape[2:]:
+            values_per_channel *= dim
+        if values_per_channel == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.shape}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def check_inputs(input: torch.Tensor, weight, bias, running_mean, running_var,
                  num_batches_tracked, training: bool, momentum: float | None) -> None:
     check_rank(input)

@@ -5,18 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_rank
-from .ops import BatchNormFunction, EagerBatchNormFunction
-
-
-def _verify_batch_size(input: Tensor) -> None:
-    size = input.shape
-    values_per_channel = size[0]
-    for dim in size[2:]:
-        values_per_channel *= dim
-    if values_per_channel == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {size}")
+from .checks import check_mode, check_rank
+from .ops import BatchNormFunction, EagerBatchNormFunction, planned_forward
 
 
 def batch_norm(
@@ -83,13 +73,12 @@ def batch_norm_tracked(
     """batch_norm, plus momentum=None: a cumulative moving average with
     momentum = 1 / num_batches_tracked, read on the device (no host sync and
     no graph break under torch.compile). What the modules call."""
+    y = planned_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                        momentum, eps, residual, relu)
+    if y is not None:  # a repeated plain eager call: its checks passed for this key before
+        return y
     check_rank(input)
-    if training:
-        _verify_batch_size(input)
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    check_mode(input, training, eps)
     function = BatchNormFunction if torch.compiler.is_compiling() else EagerBatchNormFunction
     y, _, _ = function.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
                              training, momentum, eps, residual, relu)

@@ -28,10 +28,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import derivatives, fallback, kernels, launch
-from .checks import check_inputs, check_residual
+from . import derivatives, fallback, kernels, launch, plans
+from .checks import check_inputs, check_mode, check_residual
 
 
 def runs_triton(t: Tensor) -> bool:
@@ -68,6 +69,9 @@ def _forward(
     if input.numel() == 0:  # empty batch: empty output, running stats untouched
         return (torch.empty_like(input, memory_format=launch.output_format(input)),
                 *_empty_stats(input))
+    # batch_norm checks these before the op; checked here too since the launch
+    # plan cached below lets a repeated call skip every check
+    check_mode(input, training, eps)
     impl = launch if runs_triton(input) else fallback
     if training:
         return impl.forward_training(input, weight, bias, running_mean, running_var,
@@ -111,21 +115,26 @@ def _backward(
     relu_from_input (training, no residual) recomputes y's sign from input,
     the statistics, weight and ``bias``, which is read only then. eps is not
     needed here; the double backward rebuilds invstd from x with it."""
+    grads = _backward_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
+                            bias_dtype, output, relu_from_input, bias)
+    placeholder = input.new_empty((0,))
+    return tuple(placeholder.clone() if t is None else t for t in grads)
+
+
+def _backward_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask, bias_dtype,
+                    output, relu_from_input, bias) -> tuple[Optional[Tensor], ...]:
+    """_backward's gradients, None where not asked for or without a parameter."""
     need_dx, need_dw, need_db, need_dr = output_mask
     if input.numel() == 0:
         empty = functools.partial(torch.empty_like, input, memory_format=launch.output_format(input))
-        dx = empty() if need_dx else None
-        dw = weight.new_zeros(weight.shape) if need_dw and weight is not None else None
-        db = input.new_zeros((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype else None
-        dr = empty() if need_dr else None
-    else:
-        impl = launch if runs_triton(input) else fallback
-        dx, dw, db, dr = impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
-                                       (need_dx, need_dw, need_db), bias_dtype, output=output,
-                                       residual_grad=need_dr, relu_from_input=relu_from_input,
-                                       bias=bias)
-    placeholder = input.new_empty((0,))
-    return tuple(placeholder.clone() if t is None else t for t in (dx, dw, db, dr))
+        return (empty() if need_dx else None,
+                weight.new_zeros(weight.shape) if need_dw and weight is not None else None,
+                input.new_zeros((input.shape[1],), dtype=bias_dtype) if need_db and bias_dtype else None,
+                empty() if need_dr else None)
+    impl = launch if runs_triton(input) else fallback
+    return impl.backward(grad_out, input, weight, save_mean, save_invstd, training,
+                         (need_dx, need_dw, need_db), bias_dtype, output=output, residual_grad=need_dr,
+                         relu_from_input=relu_from_input, bias=bias)
 
 
 batch_norm_backward = torch.library.custom_op("tritonbn::batch_norm_backward", _backward,
@@ -148,9 +157,8 @@ def _formula_grads(grad_out, input, weight, save_mean, save_invstd, training, ou
                    output, relu_from_input, bias):
     """_backward's results (None where not asked) from derivatives.backward_formula."""
     if input.numel() == 0:
-        grads = _backward(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
-                          bias_dtype, eps, output, relu_from_input, bias)
-        return tuple(g if asked else None for g, asked in zip(grads, output_mask))
+        return _backward_grads(grad_out, input, weight, save_mean, save_invstd, training, output_mask,
+                               bias_dtype, output, relu_from_input, bias)
     mask = derivatives.relu_mask(input, weight, bias, save_mean, save_invstd, output, relu_from_input)
     dx, dw, db, dr = derivatives.backward_formula(grad_out, input, weight, save_mean, save_invstd,
                                                   training, eps, mask)
@@ -281,7 +289,7 @@ class BatchNormFunction(torch.autograd.Function):
                 # functorch, so differentiate the formula in torch ops
                 found = _formula_grads(*args)
             elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y, bias):
-                found = _backward(*args)
+                found = _backward_grads(*args[:8], *args[9:])
             else:  # create_graph=True or tracing: the op, whose autograd is the double backward
                 found = torch.ops.tritonbn.batch_norm_backward(*args)
             grads = [g if m else None for g, m in zip(found, mask)]
@@ -326,3 +334,63 @@ class EagerBatchNormFunction(BatchNormFunction):
         y_t = derivatives.output_tangent(input, weight, save_mean, save_invstd, ctx.training,
                                          input_t, weight_t, bias_t, other_tangents[6], mask)
         return y_t.to(input.dtype), None, None
+
+
+class PlannedBatchNormFunction(torch.autograd.Function):
+    """BatchNormFunction for plain eager calls whose launch plan is cached
+    (planned_forward): the plan is the last argument. forward does the work of
+    setup_context itself, so autograd.Function.apply does not bind arguments
+    with inspect.signature on every call, and apply is autograd's own (C++)
+    entry. Backward and forward-mode AD are BatchNormFunction's. Never under
+    functorch transforms (they need setup_context): planned_forward checks."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+                eps, residual, relu, plan):
+        outputs = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                     residual)
+        if training:
+            mark_updated(running_mean, running_var)
+        BatchNormFunction.setup_context(ctx, (input, weight, bias, running_mean, running_var,
+                                              num_batches_tracked, training, momentum, eps, residual, relu),
+                                        outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_invstd):
+        return (*BatchNormFunction.backward(ctx, grad_out, grad_mean, grad_invstd), None)
+
+    jvp = EagerBatchNormFunction.jvp
+
+
+# autograd's C++ apply, without autograd.Function.apply's Python wrapper
+_apply_planned = super(torch.autograd.Function, PlannedBatchNormFunction).apply
+
+
+def planned_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
+                    momentum, eps: float, residual, relu: bool) -> Optional[Tensor]:
+    """The fast path of a plain eager call (see _plain_eager) whose launch plan
+    is cached: y, with the running stats updated as the full path would; None
+    where the full path must run (another context, a key seen for the first
+    time, anything a check would reject). Autograd is skipped where nothing
+    requires a gradient and no forward-mode AD is active."""
+    if not _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
+        return None
+    op = "forward" if training else "inference"
+    key = plans.with_source(op, plans.forward_key(input, weight, bias, running_mean, running_var,
+                                                   num_batches_tracked, training, momentum, eps, residual,
+                                                   relu))
+    plan = key and plans.lookup(key)
+    if not plan:
+        return None
+    if (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                     or (bias is not None and bias.requires_grad)
+                                     or (residual is not None and residual.requires_grad))) \
+            or forward_ad._current_level >= 0:
+        return _apply_planned(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                              momentum, eps, residual, relu, plan)[0]
+    y, _, _ = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                 residual)
+    if training:
+        mark_updated(running_mean, running_var)
+    return y

@@ -1,0 +1,194 @@
+"""The launch-plan cache (tritonbn/plans.py) and the fast path of repeated
+eager calls: a plan is reused only for exactly the key it was built for, a
+reused plan gives bitwise what a fresh call gives, bad input is still
+rejected however often it comes, and the eager path binds no signatures."""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tritonbn
+from tritonbn import plans
+from tritonbn.autotune import LaunchConfig, override
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Counts the plans built (cache misses that reached the launchers)."""
+    count = {"forward": 0, "backward": 0}
+
+    def counting(name, builder):
+        def build(*args, **kwargs):
+            count[name] += 1
+            return builder(*args, **kwargs)
+        return build
+    monkeypatch.setattr(plans, "forward_plan", counting("forward", plans.forward_plan))
+    monkeypatch.setattr(plans, "backward_plan", counting("backward", plans.backward_plan))
+    plans.clear()
+    yield count
+    plans.clear()
+
+
+def _call(x, C, *, training=True, affine=True, track=True, relu=False, residual=False, param_dtype=None):
+    """One forward and backward of tritonbn; returns every output and updated buffer."""
+    params = dict(device=x.device, dtype=param_dtype or x.dtype)
+    weight = torch.linspace(0.5, 1.5, C, **params).requires_grad_() if affine else None
+    bias = torch.linspace(-1, 1, C, **params).requires_grad_() if affine else None
+    running = [torch.linspace(-1, 1, C, **params), torch.linspace(0.5, 2, C, **params)] if track else [None, None]
+    leaf = x.detach().clone().requires_grad_()
+    r = torch.ones_like(x) * 0.25 if residual else None
+    if relu:
+        y = tritonbn.batch_norm_relu(leaf, *running, weight, bias, training, 0.1, 1e-5, residual=r)
+    else:
+        y = tritonbn.batch_norm(leaf, *running, weight, bias, training, 0.1, 1e-5)
+    # in y's layout, as a real gradient comes (another layout is copied, and not cached)
+    grad_out = torch.empty_like(y).copy_(
+        torch.cos(torch.arange(y.numel(), dtype=torch.float32, device=x.device)).view(y.shape))
+    grads = torch.autograd.grad(y, [t for t in (leaf, weight, bias) if t is not None], grad_out)
+    return [y, *grads, *[t for t in running if t is not None]]
+
+
+def _variants(device):
+    x = torch.randn(4, 3, 5, 6, device=device) + 2
+    return {
+        "base": (x, {}),
+        "shape": (torch.randn(6, 3, 5, 6, device=device), {}),
+        "channels": (torch.randn(4, 5, 5, 6, device=device), {}),
+        "strides (channels_last)": (x.to(memory_format=torch.channels_last), {}),
+        "strides (batch slice)": (x[1:], {}),
+        "dtype float64": (x.double(), {}),
+        "dtype float16, float32 params": (x.half(), {"param_dtype": torch.float32}),
+        "eval": (x, {"training": False}),
+        "no affine": (x, {"affine": False}),
+        "untracked": (x, {"track": False}),
+        "fused relu": (x, {"relu": True}),
+        "fused residual": (x, {"relu": True, "residual": True}),
+    }
+
+
+def test_plans_are_keyed_by_everything_that_changes_a_launch(device, built):
+    """Each variant builds its own plans once, then reuses them; a reused plan
+    gives bitwise the results of a fresh call (cache cleared first)."""
+    variants = _variants(device)
+    channels = {name: x.shape[1] for name, (x, _) in variants.items()}
+    warm = {}
+    for name, (x, kwargs) in variants.items():
+        before = dict(built)
+        first = _call(x, channels[name], **kwargs)
+        after_first = dict(built)
+        assert after_first["forward"] == before["forward"] + 1, f"{name}: no new forward plan"
+        # running stats play no part in the backward: "untracked" shares the base's plan
+        new_backward = 0 if name == "untracked" else 1
+        assert after_first["backward"] == before["backward"] + new_backward, f"{name}: backward plans"
+        warm[name] = _call(x, channels[name], **kwargs)
+        assert built == after_first, f"{name}: the repeated call built a plan again"
+        for a, b in zip(first, warm[name]):
+            assert torch.equal(a, b), name
+    for name, (x, kwargs) in variants.items():
+        plans.clear()
+        fresh = _call(x, channels[name], **kwargs)
+        for a, b in zip(fresh, warm[name]):
+            assert torch.equal(a, b), name
+
+
+def test_a_cached_cpu_plan_is_not_used_for_another_device(device, built):
+    x = torch.randn(4, 3, 5, device=device)
+    tritonbn.batch_norm(x, None, None, training=True)
+    tritonbn.batch_norm(x, None, None, training=True)
+    y = tritonbn.batch_norm(x.to("meta"), None, None, training=True)
+    assert y.device.type == "meta" and y.shape == x.shape
+
+
+def test_no_grad_fast_path_updates_running_stats_once_and_bumps_versions(device, built):
+    x = torch.randn(8, 3, 5, device=device)
+    running_mean, running_var = torch.zeros(3, device=device), torch.ones(3, device=device)
+    expected_mean, expected_var = running_mean.clone(), running_var.clone()
+    for step in range(3):
+        version = running_mean._version
+        with torch.no_grad():
+            y = tritonbn.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
+        F.batch_norm(x, expected_mean, expected_var, training=True, momentum=0.5)
+        torch.testing.assert_close(running_mean, expected_mean)
+        torch.testing.assert_close(running_var, expected_var)
+        assert running_mean._version > version, "autograd must see the in-place update"
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+    assert built["forward"] == 1
+
+
+@pytest.mark.parametrize("bad", ["channels", "device", "dtype", "one value per channel", "eps", "rank"])
+def test_bad_input_is_rejected_every_time(device, built, bad):
+    """A good call caches its plan; a bad one, asked twice, raises torch's error
+    both times, and the good call still works after it."""
+    x = torch.randn(4, 3, 5, device=device)
+    good = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device),
+                weight=torch.ones(3, device=device), bias=torch.zeros(3, device=device), training=True,
+                momentum=0.1, eps=1e-5)
+    expected_error = {"channels": RuntimeError, "device": RuntimeError, "dtype": RuntimeError,
+                      "one value per channel": ValueError, "eps": ValueError, "rank": ValueError}[bad]
+    args = dict(good, input=x)
+    if bad == "channels":
+        args["weight"] = torch.ones(4, device=device)
+    elif bad == "device":
+        args["weight"] = torch.ones(3, device="meta")
+    elif bad == "dtype":
+        args["weight"] = torch.ones(3, device=device, dtype=torch.float64)
+    elif bad == "one value per channel":
+        args["input"] = torch.randn(1, 3, 1, device=device)
+    elif bad == "eps":
+        args["eps"] = 0.0
+    else:
+        args["input"] = torch.randn(3, device=device)
+    for _ in range(2):
+        tritonbn.batch_norm(x, **good)
+        with pytest.raises(expected_error):
+            tritonbn.batch_norm(**args)
+        # torch's CPU batch_norm accepts a meta weight, and names a 1-D input's problem only
+        # by accident ("running_mean should contain 0 elements"); tritonbn's errors say what is wrong
+        if bad not in ("device", "rank"):
+            with pytest.raises(expected_error):
+                F.batch_norm(**args)
+    running = good["running_mean"].clone()
+    tritonbn.batch_norm(x, **good)
+    assert not torch.equal(running, good["running_mean"]), "the good call still updates"
+
+
+def test_override_is_not_cached(device, built):
+    """A forced config runs as forced, and leaves no plan behind for later calls."""
+    x = torch.randn(4, 3, 5, device=device)
+    split = LaunchConfig("split", 2, 1, 4, split_n=2)
+    with override(forward=split):
+        tritonbn.batch_norm(x, None, None, training=True)
+        tritonbn.batch_norm(x, None, None, training=True)
+    assert built["forward"] == 2
+    assert not plans._plans
+
+
+def test_repeated_eager_calls_bind_no_signatures(device, built, monkeypatch):
+    """autograd.Function.apply binds arguments with inspect.signature for a
+    Function with setup_context; a repeated plain eager call must not pay it,
+    forward or backward, nor a module's forward."""
+    x = torch.randn(4, 3, 5, 6, device=device, requires_grad=True)
+    module = tritonbn.BatchNorm2d(3, device=device)
+
+    def step():
+        y = tritonbn.batch_norm(x, None, None, module.weight, module.bias, training=True)
+        (y.sum() + module(x).sum()).backward()
+    step()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("inspect.signature on the eager path")
+    monkeypatch.setattr(inspect, "signature", forbidden)
+    step()
+
+
+def test_the_op_checks_what_the_functional_checks(device, built):
+    """The op caches plans too: called directly with one value per channel it
+    must refuse, or a later batch_norm call of that key would skip the check."""
+    x = torch.randn(1, 3, 1, device=device)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            torch.ops.tritonbn.batch_norm_forward(x, None, None, None, None, None, True, 0.1, 1e-5, None, False)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            tritonbn.batch_norm(x, None, None, training=True)
+    assert built["forward"] == 0
