@@ -185,6 +185,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ("results" if gpu else "out"),
                         help="folder of the CSV (default bench/results on a GPU, bench/out otherwise)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--host", action="store_true",
+                        help="per-call host time of tritonbn against torch on tiny tensors (bench/host.py); "
+                             "without a GPU the kernel launches are stubbed out")
     parser.add_argument("--no-autotune", action="store_true",
                         help="tritonbn with its heuristic configs (TRITONBN_AUTOTUNE=0); by default a "
                              "shape seen first is tuned during its correctness check, before timing")
@@ -196,9 +199,33 @@ def parse_args(argv=None):
     return args
 
 
+def _csv_path(folder: Path, suffix: str = "") -> Path:
+    return folder / (re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-") + suffix + ".csv")
+
+
+def run_host(args, context: dict) -> pd.DataFrame:
+    """python -m bench --host: rows appended to <device>-host.csv beside the bench CSV."""
+    from . import host
+    launches = "real" if torch.cuda.is_available() else "stubbed (interpreter)"
+    print(f"per-call host time, x = {host.SHAPE} float32, best of {host.REPEATS} means; kernel launches: "
+          f"{launches}", flush=True)
+    df = pd.DataFrame([dict(context, launches=launches, **row) for row in host.measure()])
+    print(df[["call", "tritonbn_us", "torch_us", "ratio"]].round(2).to_string(index=False))
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = _csv_path(args.out, "-host")
+    df.to_csv(csv_path, mode="a", header=not csv_path.exists(), index=False)
+    print(f"rows appended to {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}")
+    return df
+
+
 def run(argv=None) -> pd.DataFrame:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    context = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   device=device_name(), gpu_run=device == "cuda", torch=torch.__version__,
+                   triton=triton.__version__, commit=_commit())
+    if args.host:
+        return run_host(args, context)
     if device == "cpu":
         from tritonbn import kernels
         if not kernels.INTERPRETED:
@@ -209,15 +236,12 @@ def run(argv=None) -> pd.DataFrame:
               flush=True)
     else:
         print(f"tritonbn bench: real GPU run on {device_name()} (CUDA-event medians, L2 flushed)", flush=True)
-    context = dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   device=device_name(), gpu_run=device == "cuda", torch=torch.__version__,
-                   triton=triton.__version__, commit=_commit())
     if args.no_autotune:
         os.environ["TRITONBN_AUTOTUNE"] = "0"
     # tuning happens on CUDA only, and not when switched off
     context["autotune"] = device == "cuda" and os.environ.get("TRITONBN_AUTOTUNE", "1") != "0"
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / (re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-") + ".csv")
+    csv_path = _csv_path(args.out)
     groups = plan_rows(args)
     rows = []
     for done, (mode, shape, dtype, layout) in enumerate(groups):
