@@ -9,29 +9,39 @@ How: the launchers run on ``meta`` tensors with the kernels replaced by a
 recorder, so the exact arguments, constexprs and warps of each launch are
 captured without allocating anything; each distinct variant is compiled by
 Triton's own compiler (LLVM, then ptxas, both shipped with triton) for
-``cuda:<arch>``. GPU configs come from the heuristic with --sms streaming
-multiprocessors (132: an H100 SXM). The Triton interpreter must be off.
+``cuda:<arch>``, with the specialization Triton's JIT would derive from those
+arguments (divisibility by 16, ints equal to 1 folded; see specialize). GPU
+configs come from the heuristic with --sms streaming multiprocessors (132: an
+H100 SXM). The Triton interpreter must be off. bench/traffic.py shares the
+recorder and the compile path.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, in_layout, layouts_for, select_shapes
 
 ARCH_DTYPES = {**DTYPES, "fp64": torch.float64}
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-          torch.int64: "i64"}
-KERNELS = ("bn_fwd_resident_kernel", "bn_fwd_stats_kernel", "bn_fwd_normalize_kernel",
-           "bn_fwd_merge_kernel", "bn_inference_kernel", "bn_bwd_sums_kernel", "bn_bwd_dx_kernel",
-           "bn_bwd_resident_kernel")
+
+
+class Launch(NamedTuple):
+    """One recorded launch: ``fn[grid](*args, **kwargs)``."""
+
+    fn: object
+    grid: object
+    args: tuple
+    kwargs: dict
 
 
 class _Recorder:
@@ -41,44 +51,100 @@ class _Recorder:
         self.fn, self.log = fn, log
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.fn, args, kwargs))
+        return lambda *args, **kwargs: self.log.append(Launch(self.fn, grid, args, kwargs))
 
 
-def signature(fn, args, kwargs) -> tuple[dict, dict]:
-    """Triton's (signature, constexprs) of one recorded launch."""
+def kernel_names(module) -> list[str]:
+    """The @triton.jit kernels a module exposes (tritonbn.kernels): found, not
+    listed, so a kernel added there is recorded too."""
+    from triton.runtime.jit import KernelInterface
+    return [name for name, value in vars(module).items() if isinstance(value, KernelInterface)]
+
+
+@contextlib.contextmanager
+def recording(log: list | None = None, wrap=_Recorder):
+    """Within: every ``kernels.<name>[grid](...)`` tritonbn.launch makes goes to
+    ``wrap(kernel, log)`` instead (default: recorded in ``log``, not run)."""
+    from tritonbn import kernels
+    log = [] if log is None else log
+    originals = {name: getattr(kernels, name) for name in kernel_names(kernels)}
+    for name, kernel in originals.items():
+        setattr(kernels, name, wrap(kernel, log))
+    try:
+        yield log
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+
+
+def bind(fn, args, kwargs) -> dict:
+    """Every argument of a launch by name (positional ones bound by fn.arg_names)."""
     bound = dict(zip(fn.arg_names, args))
-    bound.update(kwargs)
-    sig, constexprs = {}, {}
-    for param in fn.params:
+    bound.update({k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS})
+    return bound
+
+
+# keyword arguments of a launch that are compile options, not kernel arguments
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class _Address:
+    """A tensor as the JIT's specializer sees it: a dtype and an address. The
+    base allocation is taken as 16-byte aligned (the caching allocator's
+    blocks are 512-byte aligned), so alignment is the storage offset's."""
+
+    BASE = 1 << 20
+
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._ptr = self.BASE + t.storage_offset() * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def specialize(fn, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch as Triton's JIT derives them
+    from the actual arguments: pointers whose address and ints that are
+    divisible by 16 get ``tt.divisibility=16``, ints equal to 1 become
+    constexprs. Uses the JIT's own specializer, so the rules are the
+    installed triton's (the same entry point in triton 3.6, 3.7 and 3.8)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError as error:  # pragma: no cover - a triton that moved it
+        raise RuntimeError(f"triton {_triton_version()}: the JIT's specializer (native_specialize_impl) "
+                           "is not where bench.kernel_report.specialize looks; update it") from error
+    bound = bind(fn, args, kwargs)
+    sig, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
         value = bound[param.name]
         if param.is_constexpr:
             sig[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            sig[param.name] = "*" + _TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[param.name] = "i1"
-        elif isinstance(value, int):
-            sig[param.name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            sig[param.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
-    return sig, constexprs
+            continue
+        stand_in = _Address(value) if isinstance(value, torch.Tensor) else value
+        kind, attr = native_specialize_impl(BaseBackend, stand_in, param.is_const,
+                                            not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        sig[param.name] = kind
+        if kind == "constexpr":  # an int equal to 1 (or None)
+            constexprs[param.name] = attr
+        elif isinstance(attr, str) and attr:
+            attrs[(index,)] = BaseBackend.parse_attr(attr)
+    return sig, constexprs, attrs
 
 
-def record_launches(problems) -> list:
-    """(kernel, args, kwargs) of every launch for each (op, shape, dtype, channels_last, config)."""
-    from tritonbn import kernels, launch
-    log: list = []
-    originals = {name: getattr(launch.kernels, name) for name in KERNELS}
-    for name in KERNELS:
-        setattr(launch.kernels, name, _Recorder(getattr(kernels, name), log))
-    try:
+def _triton_version() -> str:
+    import triton
+    return triton.__version__
+
+
+def record_launches(problems) -> list[Launch]:
+    """Every launch for each (op, shape, dtype, channels_last, config)."""
+    from tritonbn import launch
+    with recording() as log:
         for op, shape, dtype, channels_last, config in problems:
             _record_one(launch, op, shape, dtype, channels_last, config)
-    finally:
-        for name, kernel in originals.items():
-            setattr(launch.kernels, name, kernel)
     return log
 
 
@@ -135,45 +201,158 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
                             config=config)
 
 
-def compile_variants(log, arch: int) -> list[dict]:
-    """Compile each distinct recorded variant; one row per variant."""
+class Variant(NamedTuple):
+    """One kernel as Triton compiles it: a launch's specialized signature."""
+
+    fn: object
+    sig: dict
+    constexprs: dict
+    attrs: dict
+    options: dict  # num_warps, num_stages, ... as the launch gave them
+
+    @property
+    def num_warps(self) -> int:
+        return self.options.get("num_warps", 4)
+
+    @property
+    def key(self) -> tuple:
+        return (self.fn.__name__, tuple(sorted(self.sig.items())),
+                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
+                tuple(sorted(self.attrs)), tuple(sorted(self.options.items())))
+
+    @classmethod
+    def of(cls, launch: Launch) -> "Variant":
+        sig, constexprs, attrs = specialize(launch.fn, launch.args, launch.kwargs)
+        options = {k: v for k, v in launch.kwargs.items() if k in LAUNCH_OPTIONS}
+        return cls(launch.fn, sig, constexprs, attrs, options)
+
+
+def compile_variant(variant: Variant, arch: int) -> dict:
+    """Compile one variant for sm_<arch>: ok, error, registers, spill_bytes,
+    shared (bytes), and the global loads / stores of the PTX (global_accesses)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, 32)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    out = dict(ok=False, error="", registers=None, spill_bytes=None, shared=None, accesses=[])
+    try:
+        if "attrs" not in inspect.signature(ASTSource).parameters:
+            raise RuntimeError(f"triton {triton.__version__}'s ASTSource takes no attrs: "
+                               "bench.kernel_report.compile_variant cannot pass the launch's specialization")
+        source = ASTSource(variant.fn, variant.sig, variant.constexprs, variant.attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(variant.options))
+        ptx = compiled.asm["ptx"]
+        out.update(ok=True, shared=compiled.metadata.shared, accesses=global_accesses(ptx, pointer_params(variant.sig)),
+                   **_ptxas_usage(ptx, arch))
+    except Exception as error:  # report, do not stop: the table is the point
+        out["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+    return out
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)\s[^\[]*\[\s*(%\w+)")
+_PARAM = re.compile(r"\[\s*(\w+_param_(\d+))\s*\]")
+_REGISTER = re.compile(r"%\w+")
+
+
+def global_accesses(ptx: str, pointers: dict[int, str]) -> list[tuple[str, str, int]]:
+    """(ld | st, pointer, bytes) of each global load / store instruction of
+    the PTX. ``pointers``: PTX parameter index -> name, for the kernel's
+    pointer arguments (pointer_params). The pointer of an access is found by
+    data flow: the pointer parameters its address register derives from
+    ("?" unless exactly one). Bytes = vector length x element width
+    (``ld.global.v4.b32`` = 16). Not .loc line info: LLVM moves loads away
+    from their source line (triton 3.8 does)."""
+    sources = _definitions(ptx)
+    found = []
+    for line in ptx.splitlines():
+        access = _ACCESS.search(line)
+        if access:
+            names = {pointers[i] for i in _params_reached(access.group(3), sources) if i in pointers}
+            found.append((access.group(1), names.pop() if len(names) == 1 else "?",
+                          _access_bytes(access.group(2))))
+    return found
+
+
+def pointer_params(sig: dict) -> dict[int, str]:
+    """PTX parameter index -> name of each pointer argument: Triton passes the
+    non-constexpr arguments in order (then scratch pointers of its own)."""
+    runtime = [name for name, kind in sig.items() if kind != "constexpr"]
+    return {i: name for i, name in enumerate(runtime) if sig[name].startswith("*")}
+
+
+def _definitions(ptx: str) -> dict[str, set]:
+    """register -> the registers and parameter indices its definitions read."""
+    sources: dict[str, set] = {}
+    for line in ptx.splitlines():
+        body = line.split("//")[0].strip().rstrip(";")
+        if not body or body.startswith((".", "$", "}", "{")) or body.endswith(":"):
+            continue
+        body = re.sub(r"^@!?%\w+\s+", "", body)
+        opcode, _, operands = body.partition(" ")
+        if opcode.startswith(("st.", "bar", "bra", "ret", "@")) or not operands:
+            continue
+        if operands.lstrip().startswith("{"):  # vector destination
+            dest_text, _, rest = operands.partition("}")
+        else:
+            dest_text, _, rest = operands.partition(",")
+        read = set(_REGISTER.findall(rest)) | {int(m[1]) for m in _PARAM.findall(rest)}
+        for dest in _REGISTER.findall(dest_text):
+            sources.setdefault(dest, set()).update(read)
+    return sources
+
+
+def _params_reached(register: str, sources: dict[str, set]) -> set[int]:
+    seen, todo, params = {register}, [register], set()
+    while todo:
+        for source in sources.get(todo.pop(), ()):
+            if isinstance(source, int):
+                params.add(source)
+            elif source not in seen:
+                seen.add(source)
+                todo.append(source)
+    return params
+
+
+def _access_bytes(suffixes: str) -> int:
+    vector, bits = 1, 0
+    for part in suffixes.split(".")[1:]:
+        if re.fullmatch(r"v\d+", part):
+            vector = int(part[1:])
+        elif re.fullmatch(r"[bufs]\d+", part):
+            bits = int(part[1:])
+    return vector * bits // 8
+
+
+def compile_variants(log, arch: int) -> list[dict]:
+    """Compile each distinct recorded variant, with the specialization its
+    launch gets; one row per variant."""
     variants = {}
-    for fn, args, kwargs in log:
-        kwargs = dict(kwargs)
-        num_warps = kwargs.pop("num_warps", 4)
-        sig, constexprs = signature(fn, args, kwargs)
-        constants = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
-        key = (fn.__name__, tuple(sorted(sig.items())), constants, num_warps)
-        variants.setdefault(key, (fn, sig, constexprs, num_warps))
+    for launch in log:
+        variant = Variant.of(launch)
+        variants.setdefault(variant.key, variant)
     rows = []
-    for (name, *_), (fn, sig, constexprs, num_warps) in variants.items():
+    for variant in variants.values():
+        constexprs, sig = variant.constexprs, variant.sig
         # bn_fwd_merge_kernel reads partials only: no x, no N / S blocks, no layout
         blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
         layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
-        row = dict(kernel=name, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
+        row = dict(kernel=variant.fn.__name__, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
                    acc=str(constexprs["ACC_DTYPE"]), layout=layout,
-                   int64=constexprs.get("INT64", False), blocks=blocks, warps=num_warps,
-                   flags=",".join(k for k, v in constexprs.items() if v is True and k not in ("CHANNEL_INNER",
-                                                                                              "INT64")),
-                   ok=False, registers=None, spill_bytes=None, error="")
-        try:
-            compiled = triton.compile(ASTSource(fn, sig, constexprs), target=target,
-                                      options={"num_warps": num_warps})
-            row.update(ok=True, **_ptxas_usage(ptxas, compiled.asm["ptx"], gpu_name))
-        except Exception as error:  # report, do not stop: the table is the point
-            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
-        rows.append(row)
+                   int64=constexprs.get("INT64", False), blocks=blocks, warps=variant.num_warps,
+                   flags=",".join(k for k, v in constexprs.items()
+                                  if v is True and k not in ("CHANNEL_INNER", "INT64")))
+        result = compile_variant(variant, arch)
+        del result["accesses"]  # bench.traffic reads them, per tensor
+        rows.append(dict(row, **result))
     return rows
 
 
-def _ptxas_usage(ptxas: Path, ptx: str, gpu_name: str) -> dict:
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes per thread, from ptxas -v (shipped with triton)."""
+    import triton
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as folder:
         src = Path(folder) / "k.ptx"
         src.write_text(ptx)
