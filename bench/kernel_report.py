@@ -334,11 +334,12 @@ def compile_variants(log, arch: int) -> list[dict]:
     rows = []
     for variant in variants.values():
         constexprs, sig = variant.constexprs, variant.sig
-        # bn_fwd_merge_kernel reads partials only: no x, no N / S blocks, no layout
+        # the merge and reduce kernels read partials only: no x, no N / S blocks, no layout
+        # (and the reduce kernel's accumulation dtype is its partials' own)
         blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
         layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
         row = dict(kernel=variant.fn.__name__, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
-                   acc=str(constexprs["ACC_DTYPE"]), layout=layout,
+                   acc=str(constexprs.get("ACC_DTYPE", sig.get("Partials", "-").lstrip("*"))), layout=layout,
                    int64=constexprs.get("INT64", False), blocks=blocks, warps=variant.num_warps,
                    flags=",".join(k for k, v in constexprs.items()
                                   if v is True and k not in ("CHANNEL_INNER", "INT64")))

@@ -104,9 +104,8 @@ MODEL: dict[str, tuple[Access, ...]] = {
         Access("Partials", WRITE, "3 * splits * C"),
     ),
     "bn_fwd_normalize_kernel": (
-        # every program merges all P partials of its channels
-        Access("Partials", READ, "3 * num_splits * C * splits"),
-        *_running_stats("True"),
+        # the statistics bn_fwd_merge_kernel wrote, once per channel
+        *_per_channel("SaveMean"), *_per_channel("SaveInvstd"),
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
         Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
     ),
@@ -133,13 +132,16 @@ MODEL: dict[str, tuple[Access, ...]] = {
         Access("X", READ, VIEW), Access("DY", READ, VIEW), Access("Y", READ, VIEW, "RELU"),
         Access("Partials", WRITE, "2 * splits * C"),
     ),
+    "bn_bwd_reduce_kernel": (
+        Access("Partials", READ, "2 * num_splits * C"),
+        Access("Partials", WRITE, "2 * C", "STORE_SUMS"),  # the totals, over row 0
+        Access("DWeight", WRITE, "C", "STORE_DWEIGHT"), Access("DBias", WRITE, "C", "STORE_DBIAS"),
+    ),
     "bn_bwd_dx_kernel": (
         *_per_channel("Mean"), *_per_channel("Invstd"),
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
-        # every program sums all P partials of its channels
-        Access("Partials", READ, "2 * num_splits * C * splits", "HAS_SUMS"),
-        Access("DWeight", WRITE, "C", "HAS_SUMS and STORE_DWEIGHT"),
-        Access("DBias", WRITE, "C", "HAS_SUMS and STORE_DBIAS"),
+        # the two totals bn_bwd_reduce_kernel wrote, once per channel
+        Access("Sums", READ, "2 * C * splits", "TRAINING"),
         Access("DY", READ, VIEW, _LOOP), Access("Y", READ, VIEW, f"RELU and ({_LOOP})"),
         Access("DR", WRITE, VIEW, "STORE_DRESIDUAL"),
         Access("X", READ, VIEW, "COMPUTE_DX and TRAINING"), Access("DX", WRITE, VIEW, "COMPUTE_DX"),
@@ -156,7 +158,7 @@ MODEL: dict[str, tuple[Access, ...]] = {
 
 # what a pointer holds, for the per-role byte columns (anything else: params)
 ROLES = {"X": "x", "Y": "y", "R": "residual", "DY": "dy", "DX": "dx", "DR": "dresidual",
-         "Partials": "partials", "Merged": "partials"}
+         "Partials": "partials", "Merged": "partials", "Sums": "partials"}
 ROLE_COLUMNS = ("x", "y", "residual", "dy", "dx", "dresidual", "partials", "params")
 
 

@@ -20,12 +20,13 @@ forward's output y > 0 and 0 elsewhere, never from a stored pre-activation:
 
 resident  grid (cdiv(C, BLOCK_C),): x and dy of a channel block in registers,
           reduce, then dx. 2 reads, 1 write.
-split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S). ``bn_bwd_sums_kernel``
-          writes per-(split, channel) partial sums; ``bn_bwd_dx_kernel`` adds
-          them up in a fixed order in every program (bitwise identical
-          everywhere, no atomics), the split-0 program writes dweight / dbias,
-          and each program writes dx for its share. 4 reads, 1 write.
-          Eval mode without weight/bias gradients skips the sums entirely.
+split     ``bn_bwd_sums_kernel``, grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S),
+          writes per-(split, channel) partial sums; ``bn_bwd_reduce_kernel``,
+          grid (cdiv(C, BLOCK_C),), adds each channel's up once, in a fixed
+          order (no atomics: bitwise reproducible), and writes dweight / dbias
+          and the totals dx needs; ``bn_bwd_dx_kernel``, the sums kernel's
+          grid, writes dx for each program's share. 4 reads, 1 write. Eval
+          mode without weight/bias gradients skips the sums entirely.
 """
 import triton
 import triton.language as tl
@@ -88,9 +89,19 @@ def bn_bwd_sums_kernel(
 
 
 @triton.jit
-def sum_partials(Partials, num_splits, C, cols, cmask,
-                 SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sum the [2, P, C] partials of channels `cols` in a fixed order."""
+def bn_bwd_reduce_kernel(
+    Partials,           # [2, P, C] from bn_bwd_sums_kernel; row 0 receives the totals (STORE_SUMS)
+    DWeight, DBias,     # [C] outputs, or dummies
+    C, num_splits,
+    STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, STORE_SUMS: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sum the partials of channels `cols` once, SPLIT_BLOCK rows at a time in a
+    fixed order: dbias = sum g, dweight = sum g * xhat, and with STORE_SUMS the
+    two totals over partial row 0 for bn_bwd_dx_kernel (each program overwrites
+    only its own channels, after reading them)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
     p = tl.arange(0, SPLIT_BLOCK)
     sum_g = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
     sum_g_xhat = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
@@ -100,7 +111,13 @@ def sum_partials(Partials, num_splits, C, cols, cmask,
         mask = (rows < num_splits)[:, None] & cmask[None, :]
         sum_g += tl.sum(tl.load(Partials + offs, mask=mask, other=0.0), 0)
         sum_g_xhat += tl.sum(tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0), 0)
-    return sum_g, sum_g_xhat
+    if STORE_DWEIGHT:
+        tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
+    if STORE_DBIAS:
+        tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
+    if STORE_SUMS:
+        tl.store(Partials + cols, sum_g, mask=cmask)
+        tl.store(Partials + num_splits * C + cols, sum_g_xhat, mask=cmask)
 
 
 @triton.jit
@@ -108,23 +125,20 @@ def bn_bwd_dx_kernel(
     X, DY, DX,          # (N, C, S) input, output gradient, input gradient
     Y,                  # (N, C, S) the forward's output, read when RELU
     DR,                 # (N, C, S) residual gradient, strides of DX, when STORE_DRESIDUAL
-    Partials,           # [2, P, C] from bn_bwd_sums_kernel (unused without HAS_SUMS)
+    Sums,               # [2, C] sum g, sum g * xhat (rows stride_sums apart), read when TRAINING
     Weight,             # [C] or dummy
     Bias,               # [C] or dummy, read when RELU_FROM_X
     Mean, Invstd,       # [C] saved by the forward
-    DWeight, DBias,     # [C] outputs, or dummies
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
     stride_dxn, stride_dxc, stride_dxs,
     stride_yn, stride_yc, stride_ys,
     n_per_split, s_per_split,
-    num_splits,         # P, the partials per channel (the dx grid may be smaller)
-    count,              # m = N * S, as a float
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, HAS_SUMS: tl.constexpr,
-    STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    stride_sums,
+    count,              # what the sums are divided by: m = N * S, as a float
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -137,47 +151,40 @@ def bn_bwd_dx_kernel(
     invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
     scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
-    if HAS_SUMS:
-        sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
-        if (pid_n == 0) & (pid_s == 0):  # one writer per channel
-            if STORE_DWEIGHT:
-                tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
-            if STORE_DBIAS:
-                tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
-
-    if COMPUTE_DX or STORE_DRESIDUAL:
-        if TRAINING:
-            inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
-            # dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
-            g_shift = (sum_g * inv_count)[None, :, None]
-            xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
-        mean = mean[None, :, None]
-        scale = scale[None, :, None]
-        bias = bias[None, :, None]
-        n_start, n_end = split_range(pid_n, n_per_split, N)
-        s_start, s_end = split_range(pid_s, s_per_split, S)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            for s0 in range(s_start, s_end, BLOCK_S):
-                _, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
-                              stride_yn, stride_yc, stride_ys, RELU,
-                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
-                dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
-                                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
-                    tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
-                if COMPUTE_DX:
-                    if TRAINING:
-                        offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                               BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
-                        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-                        if RELU_FROM_X:
-                            g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
-                        dx = scale * (g - g_shift) - (x - mean) * xmu_coef
-                    else:
-                        dx = scale * g
-                    tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if TRAINING:
+        inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
+        sum_g = load_channel(Sums, cols, cmask, ACC_DTYPE)
+        sum_g_xhat = load_channel(Sums + stride_sums, cols, cmask, ACC_DTYPE)
+        # dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
+        g_shift = (sum_g * inv_count)[None, :, None]
+        xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+    mean = mean[None, :, None]
+    scale = scale[None, :, None]
+    bias = bias[None, :, None]
+    n_start, n_end = split_range(pid_n, n_per_split, N)
+    s_start, s_end = split_range(pid_s, s_per_split, S)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        for s0 in range(s_start, s_end, BLOCK_S):
+            _, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
+                                   BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                          stride_yn, stride_yc, stride_ys, RELU,
+                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+            dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
+                tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
+            if COMPUTE_DX:
+                if TRAINING:
+                    offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                    if RELU_FROM_X:
+                        g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
+                    dx = scale * (g - g_shift) - (x - mean) * xmu_coef
+                else:
+                    dx = scale * g
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit

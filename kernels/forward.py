@@ -9,19 +9,19 @@ resident  grid (cdiv(C, BLOCK_C),). A program holds its channels' m values in
           registers (BLOCK_N >= N, BLOCK_S >= S): exact two-pass mean and
           variance on-chip, normalize, write. 1 read, 1 write, 1 launch.
           Limit: the whole channel block must fit one tile.
-split     grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S), the same grid for both
-          kernels. ``bn_fwd_stats_kernel`` writes one Welford partial
-          (count, mean, m2) per (split, channel) in the accumulation dtype.
-          ``bn_fwd_normalize_kernel``: every program merges its channels'
-          partials in the same fixed order (so all agree bitwise), the program
-          with split index 0 writes save_mean / save_invstd and updates the
-          running statistics, and each program normalizes its own share.
-          2 reads, 1 write, 2 launches, no atomics: bitwise reproducible.
+split     3 launches. ``bn_fwd_stats_kernel``, grid (cdiv(C, BLOCK_C),
+          SPLIT_N, SPLIT_S): one Welford partial (count, mean, m2) per
+          (split, channel) in the accumulation dtype. ``bn_fwd_merge_kernel``,
+          grid (cdiv(C, BLOCK_C),): merges each channel's partials once, in a
+          fixed order, writes save_mean / save_invstd and updates the running
+          statistics. ``bn_fwd_normalize_kernel``, the stats kernel's grid:
+          each program reads its channels' mean / invstd and normalizes its
+          share. 2 reads, 1 write; no atomics: bitwise reproducible.
 
 SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
 partials of every process in between: ``bn_fwd_merge_kernel`` merges one
-process's partials into the (count, mean, m2) it all-gathers, and
-``bn_fwd_normalize_kernel`` merges the gathered ones.
+process's partials into the (count, mean, m2) it all-gathers, then the
+gathered ones into the statistics ``bn_fwd_normalize_kernel`` reads.
 
 Normalization keeps the (x - mean) form rather than the folded x * scale + shift:
 x - mean is exact when both are close, which matters when |mean| >> std.
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    affine, combine_double, epilogue, split_range, store_channel_stats, tile_offsets,
+    affine, combine_double, epilogue, load_channel, split_range, store_channel_stats, tile_offsets,
     welford_combine, welford_merge, welford_update,
 )
 
@@ -99,22 +99,15 @@ def bn_fwd_normalize_kernel(
     X,                  # (N, C, S) input
     Y,                  # (N, C, S) output, strides (stride_yn, stride_yc, stride_ys)
     R,                  # (N, C, S) residual added before the ReLU, when HAS_RESIDUAL
-    Partials,           # [3, P, C] from bn_fwd_stats_kernel
     Weight, Bias,       # [C] or dummies (HAS_WEIGHT / HAS_BIAS)
-    RunningMean, RunningVar,    # [C], updated in place when UPDATE_RUNNING
-    NumBatchesTracked,  # [] int64, read when CUMULATIVE_AVERAGE
-    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE, written by bn_fwd_merge_kernel
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     n_per_split, s_per_split,
-    num_splits,         # P = SPLIT_N * SPLIT_S, the grid's last two dims
-    momentum_hi, momentum_lo, eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -124,14 +117,8 @@ def bn_fwd_normalize_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
 
-    count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
-    var = m2 / tl.maximum(count, 1.0)
-    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
-    if (pid_n == 0) & (pid_s == 0):  # one writer per channel
-        store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
-                            cols, cmask, mean, var, invstd, count,
-                            momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
-
+    mean = load_channel(SaveMean, cols, cmask, ACC_DTYPE)
+    invstd = load_channel(SaveInvstd, cols, cmask, ACC_DTYPE)
     scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     mean = mean[None, :, None]
     scale = scale[None, :, None]
@@ -208,10 +195,10 @@ def bn_fwd_merge_kernel(
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Merge partials per channel, grid (cdiv(C, BLOCK_C),). For SyncBatchNorm:
-    STORE_MERGED gives this process's (count, mean, m2) to all-gather;
-    STORE_STATS writes the statistics and running stats when this process has
-    no values of its own to normalize (bn_fwd_normalize_kernel does otherwise)."""
+    """Merge partials per channel once, grid (cdiv(C, BLOCK_C),). STORE_STATS:
+    write the statistics bn_fwd_normalize_kernel reads and update the running
+    stats. STORE_MERGED (SyncBatchNorm): this process's (count, mean, m2), to
+    all-gather."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)

@@ -145,8 +145,9 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     if partials is None:
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         kernels.bn_fwd_stats_kernel[p.grid](x, partials, **p.stats_args)
-    kernels.bn_fwd_normalize_kernel[p.grid](x, y, r, partials, w, b, rm, rv, nbt, save_mean, save_invstd,
-                                            **p.args)
+    kernels.bn_fwd_merge_kernel[p.merge_grid](partials, partials, save_mean, save_invstd, rm, rv, nbt,
+                                              **p.merge_args)
+    kernels.bn_fwd_normalize_kernel[p.grid](x, y, r, w, b, save_mean, save_invstd, **p.args)
     return y, save_mean, save_invstd
 
 
@@ -233,8 +234,10 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
         partials = torch.empty((2, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         kernels.bn_bwd_sums_kernel[p.grid](x, grad_out, y, w, b, save_mean, save_invstd, partials,
                                            **p.sums_args)
-    kernels.bn_bwd_dx_kernel[p.dx_grid](x, grad_out, dx_, y, dr_, dummy if partials is None else partials,
-                                        w, b, save_mean, save_invstd, dw_, db_, **p.args)
+        kernels.bn_bwd_reduce_kernel[p.reduce_grid](partials, dw_, db_, **p.reduce_args)
+    if dx is not None or dr is not None:
+        kernels.bn_bwd_dx_kernel[p.grid](x, grad_out, dx_, y, dr_, dummy if partials is None else partials,
+                                         w, b, save_mean, save_invstd, **p.args)
     return dx, dw, db, dr
 
 
@@ -271,19 +274,14 @@ def _merge(partials, merged, save_mean, save_invstd, running_mean, running_var, 
     statistics and running-stat update (save_mean given)."""
     channels, num_splits = partials.shape[2], partials.shape[1]
     dummy = partials
-    momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
-    eps_hi, eps_lo = hi_lo(eps)
     update = running_mean is not None
     kernels.bn_fwd_merge_kernel[(-(-channels // block_c),)](
         partials, dummy if merged is None else merged,
         dummy if save_mean is None else save_mean, dummy if save_invstd is None else save_invstd,
         running_mean if update else dummy, running_var if update else dummy,
-        dummy if num_batches_tracked is None else num_batches_tracked,
-        channels, num_splits, momentum_hi, momentum_lo, eps_hi, eps_lo,
-        STORE_MERGED=merged is not None, STORE_STATS=save_mean is not None,
-        UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
-        SPLIT_BLOCK=plans.split_block(num_splits, block_c), BLOCK_C=block_c,
-        ACC_DTYPE=plans.meta_acc_dtype(partials.dtype))
+        dummy if num_batches_tracked is None else num_batches_tracked, channels,
+        **plans.merge_args(num_splits, block_c, partials.dtype, momentum=momentum, eps=eps, update=update,
+                           store_merged=merged is not None, store_stats=save_mean is not None))
 
 
 def forward_training_from_stats(x, stats, weight, bias, running_mean, running_var,

@@ -200,10 +200,11 @@ def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, .
 
 @dataclass(eq=False)
 class ForwardPlan:
-    """Training forward (regime resident: one kernel; split: stats, then
-    normalize) or inference. ``args`` are the scalar and constexpr keyword
-    arguments of the main kernel, ``stats_args`` those of the split regime's
-    statistics kernel."""
+    """Training forward (regime resident: one kernel; split: stats, merge,
+    normalize) or inference (one kernel). ``args``: the scalar and constexpr
+    keyword arguments of the kernel that writes y; ``stats_args`` /
+    ``merge_args``: those of the split regime's statistics and merge kernels,
+    the merge on grid ``merge_grid``."""
 
     training: bool
     regime: str
@@ -214,37 +215,50 @@ class ForwardPlan:
     grid: tuple[int, ...]
     args: dict
     stats_args: dict = field(default_factory=dict)
+    merge_grid: tuple[int, ...] = ()
+    merge_args: dict = field(default_factory=dict)
     num_splits: int = 1
+
+
+def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
+               update: bool, store_merged: bool, store_stats: bool) -> dict:
+    """bn_fwd_merge_kernel's scalar and constexpr arguments (its C comes with them)."""
+    momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
+    eps_hi, eps_lo = hi_lo(eps)
+    return dict(num_splits=num_splits, momentum_hi=momentum_hi, momentum_lo=momentum_lo,
+                eps_hi=eps_hi, eps_lo=eps_lo, STORE_MERGED=store_merged, STORE_STATS=store_stats,
+                UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None,
+                SPLIT_BLOCK=split_block(num_splits, block_c), BLOCK_C=block_c,
+                ACC_DTYPE=meta_acc_dtype(stats_dtype))
 
 
 def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight, bias, update: bool,
                  momentum, eps, residual, r_strides, relu: bool, num_splits: int | None = None) -> ForwardPlan:
     """The plan of a training (or, training=False, inference) forward of x (already
     fitting `view`) with config cfg; residual, when given, fits the view too.
-    num_splits given (SyncBatchNorm): the normalize kernel merges that many
+    num_splits given (SyncBatchNorm): the merge kernel merges that many
     partials made elsewhere, and no statistics kernel runs."""
     size, stride = _allocation(x, fmt)
     y_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
-    eps_hi, eps_lo = hi_lo(eps)
     args = dict(
         N=view.N, C=view.C, S=view.S,
         **named_strides("x", strides_in(x, view)), **named_strides("y", strides_in(y_meta, view)),
         **named_strides("r", r_strides),
-        eps_hi=eps_hi, eps_lo=eps_lo,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, RELU=relu,
         **meta(view, cfg, x, y_meta, residual),
     )
     grid, n_per_split, s_per_split = grid_split(view, cfg)
-    plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride,
-                       acc_dtype(x.dtype), grid, args)
+    stats_dtype = acc_dtype(x.dtype)
+    plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride, stats_dtype, grid, args)
+    eps_hi, eps_lo = hi_lo(eps)
     if not training:
-        args.update(n_per_split=n_per_split, s_per_split=s_per_split)
+        args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo)
         return plan
-    momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
-    args.update(momentum_hi=momentum_hi, momentum_lo=momentum_lo, UPDATE_RUNNING=update,
-                CUMULATIVE_AVERAGE=momentum is None)
     if cfg.regime == "resident":
+        momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
+        args.update(momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
+                    UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None)
         plan.grid = (grid[0],)
         return plan
     if num_splits is None:
@@ -252,16 +266,21 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
         plan.stats_args = dict(N=view.N, C=view.C, S=view.S, **named_strides("x", strides_in(x, view)),
                                n_per_split=n_per_split, s_per_split=s_per_split, **meta(view, cfg, x))
     plan.num_splits = num_splits
-    args.update(n_per_split=n_per_split, s_per_split=s_per_split, num_splits=num_splits,
-                SPLIT_BLOCK=split_block(num_splits, cfg.block_c))
+    plan.merge_grid = (grid[0],)
+    plan.merge_args = dict(C=view.C, **merge_args(num_splits, cfg.block_c, stats_dtype, momentum=momentum,
+                                                  eps=eps, update=update, store_merged=False,
+                                                  store_stats=True))
+    args.update(n_per_split=n_per_split, s_per_split=s_per_split)
     return plan
 
 
 @dataclass(eq=False)
 class BackwardPlan:
-    """Backward (regime resident: one kernel; split: sums, then dx).
-    ``args``: the dx (or resident) kernel's scalar and constexpr keyword
-    arguments; ``sums_args``: the sums kernel's (split regime, when it runs)."""
+    """Backward (regime resident: one kernel; split: sums, reduce, then dx
+    where an elementwise gradient is asked for). ``args``: the dx (or
+    resident) kernel's scalar and constexpr keyword arguments; ``sums_args`` /
+    ``reduce_args``: the split regime's sums and reduce kernels', the reduce
+    on grid ``reduce_grid``."""
 
     regime: str
     view: View
@@ -275,9 +294,10 @@ class BackwardPlan:
     has_sums: bool
     reads_bias: bool
     grid: tuple[int, ...]
-    dx_grid: tuple[int, ...]
     args: dict
     sums_args: dict = field(default_factory=dict)
+    reduce_grid: tuple[int, ...] = ()
+    reduce_args: dict = field(default_factory=dict)
     num_splits: int = 1
 
 
@@ -287,8 +307,9 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
     """The plan of a backward of x with config cfg; grad_out and output (when
     given) fit `view` as x does. output_mask: (dx, dweight, dbias) wanted, and
     available (a weight, a bias_dtype). has_bias: a bias is read for the
-    recomputed ReLU mask. partials_given (SyncBatchNorm): the sums come from
-    all processes, so no sums kernel runs; count is then what they are divided by."""
+    recomputed ReLU mask. partials_given (SyncBatchNorm): the two sums per
+    channel come from all processes, [2, 1, C], already divided by m (count
+    1.0), so neither the sums nor the reduce kernel runs."""
     need_dx, need_dw, need_db = output_mask
     size, stride = _allocation(x, fmt)
     out_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
@@ -297,13 +318,13 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
     relu = output is not None
     affine_args = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, RELU=relu,
                        RELU_FROM_X=relu_from_input)
-    input_strides = dict(**named_strides("x", strides_in(x, view)), **named_strides("g", strides_in(grad_out, view)),
+    input_strides = dict(**named_strides("x", strides_in(x, view)),
+                         **named_strides("g", strides_in(grad_out, view)),
                          **named_strides("y", (0, 0, 0) if output is None else strides_in(output, view)))
     args = dict(
         N=view.N, C=view.C, S=view.S, **input_strides,
         **named_strides("dx", strides_in(dx_like, view)),
-        TRAINING=training, STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db, COMPUTE_DX=need_dx,
-        STORE_DRESIDUAL=residual_grad, **affine_args,
+        TRAINING=training, COMPUTE_DX=need_dx, STORE_DRESIDUAL=residual_grad, **affine_args,
         **meta(view, cfg, x, grad_out, dx_like, output),
     )
     grid, n_per_split, s_per_split = grid_split(view, cfg)
@@ -311,19 +332,21 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
     plan = BackwardPlan(cfg.regime, view, size, stride, acc_dtype(x.dtype),
                         weight.dtype if need_dw and weight is not None else None,
                         bias_dtype if need_db else None,
-                        need_dx, residual_grad, has_sums, has_bias, grid, grid, args)
+                        need_dx, residual_grad, has_sums, has_bias, grid, args)
     if cfg.regime == "resident":
-        plan.grid = plan.dx_grid = (grid[0],)
+        args.update(STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db)
+        plan.grid = (grid[0],)
         return plan
     if has_sums and not partials_given:
         plan.num_splits = grid[1] * grid[2]
         plan.sums_args = dict(N=view.N, C=view.C, S=view.S, **input_strides, n_per_split=n_per_split,
                               s_per_split=s_per_split, **affine_args, **meta(view, cfg, x, grad_out, output))
-    # without elementwise outputs, one program per channel block is enough to merge the sums
-    plan.dx_grid = grid if need_dx or residual_grad else (grid[0], 1, 1)
-    args.update(n_per_split=n_per_split, s_per_split=s_per_split, num_splits=plan.num_splits,
-                count=float(view.N * view.S) if count is None else count, HAS_SUMS=has_sums,
-                SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
+        plan.reduce_grid = (grid[0],)
+        plan.reduce_args = dict(C=view.C, num_splits=plan.num_splits, STORE_DWEIGHT=need_dw,
+                                STORE_DBIAS=need_db, STORE_SUMS=training,
+                                SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c), BLOCK_C=cfg.block_c)
+    args.update(n_per_split=n_per_split, s_per_split=s_per_split, stride_sums=plan.num_splits * view.C,
+                count=float(view.N * view.S) if count is None else count)
     return plan
 
 
