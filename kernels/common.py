@@ -14,7 +14,8 @@ only changes the block shape the launcher picks (BLOCK_C == 1 for wide spatial
 planes, BLOCK_S small for channel-inner data), never the kernel code.
 
 Statistics are Welford triples (count, mean, m2) with m2 = sum (x - mean)^2,
-kept per lane and merged with Chan's formula. The merge uses tl.sum rather
+kept per lane over a program's full tiles (all lanes share one count there)
+and merged with Chan's formula. The merge uses tl.sum rather
 than tl.reduce with a custom combine: same accuracy, and tl.reduce falls back
 to a per-element Python loop under the Triton interpreter.
 """
@@ -111,16 +112,6 @@ def relu_mask_from_x(x, mean, scale, bias, OUT_DTYPE: tl.constexpr):
     The rounded y is compared in x's dtype: triton 3.9's interpreter compares
     a just-converted bfloat16 tensor as raw bits (-1.5 > 0 there)."""
     return tl.fma(x - mean, scale, bias).to(OUT_DTYPE).to(x.dtype) > 0
-
-
-@triton.jit
-def welford_update(count, mean, m2, x, mask):
-    """Add one value per lane (where mask) to per-lane Welford accumulators."""
-    count = count + mask.to(count.dtype)
-    delta = x - mean
-    mean = mean + tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-    m2 = m2 + tl.where(mask, delta * (x - mean), 0.0)
-    return count, mean, m2
 
 
 @triton.jit

@@ -31,8 +31,32 @@ import triton.language as tl
 
 from .common import (
     affine, combine_double, epilogue, load_channel, split_range, store_channel_stats, tile_offsets,
-    welford_combine, welford_merge, welford_update,
+    welford_combine, welford_merge,
 )
+
+
+@triton.jit
+def welford_edge_tiles(
+    X, count, mean, m2, n_lo, n_hi, s_lo, s_hi, cols, cmask, N, S,
+    stride_xn, stride_xc, stride_xs,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Add the (partial) tiles of [n_lo, n_hi) x [s_lo, s_hi) to the per-channel
+    Welford triple (count, mean, m2) [BLOCK_C]: each tile's exact two-pass
+    statistics, Chan-combined. Few tiles take this path (a program's last
+    along N and along S), so their cross-lane sums cost little."""
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            tile_count = tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0)
+            tile_mean = tl.sum(tl.sum(x, 2), 0) / tl.maximum(tile_count, 1.0)
+            xmu = tl.where(mask, x - tile_mean[None, :, None], 0.0)
+            tile_m2 = tl.sum(tl.sum(xmu * xmu, 2), 0)
+            count, mean, m2 = welford_combine(count, mean, m2, tile_count, tile_mean, tile_m2)
+    return count, mean, m2
 
 
 @triton.jit
@@ -53,19 +77,35 @@ def bn_fwd_stats_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
 
-    count = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
-    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
-    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
     n_start, n_end = split_range(pid_n, n_per_split, N)
     s_start, s_end = split_range(pid_s, s_per_split, S)
-    for n0 in range(n_start, n_end, BLOCK_N):
-        for s0 in range(s_start, s_end, BLOCK_S):
+    # Only the last tile along N and along S can be partial. Full tiles come
+    # first: every lane takes one value per tile, so all lanes share one count,
+    # a scalar: the update multiplies by its reciprocal, once per tile, and no
+    # per-lane count is kept or divided by.
+    n_full = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
+    s_full = s_start + (s_end - s_start) // BLOCK_S * BLOCK_S
+    mean = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    m2 = tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE)
+    taken = tl.cast(0.0, ACC_DTYPE)
+    for n0 in range(n_start, n_full, BLOCK_N):
+        for s0 in range(s_start, s_full, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                       BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            count, mean, m2 = welford_update(count, mean, m2, x, mask)
-    count, mean, m2 = welford_merge(count, mean, m2, 2)
+            taken += 1.0
+            delta = x - mean
+            mean += delta * (1.0 / taken)
+            m2 += delta * (x - mean)
+    count, mean, m2 = welford_merge(tl.zeros([BLOCK_N, BLOCK_C, BLOCK_S], ACC_DTYPE) + taken, mean, m2, 2)
     count, mean, m2 = welford_merge(count, mean, m2, 0)
+    # the partial tiles: the last S tile of each full N row, then the last N tile
+    count, mean, m2 = welford_edge_tiles(X, count, mean, m2, n_start, n_full, s_full, s_end, cols, cmask,
+                                         N, S, stride_xn, stride_xc, stride_xs,
+                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+    count, mean, m2 = welford_edge_tiles(X, count, mean, m2, n_full, n_end, s_start, s_end, cols, cmask,
+                                         N, S, stride_xn, stride_xc, stride_xs,
+                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
 
     base = split * C + cols
     tl.store(Partials + base, count, mask=cmask)
