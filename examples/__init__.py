@@ -1,0 +1,1 @@
+"""Ioffe & Szegedy (2015)'s experiments with tritonbn: see examples/README.md."""
