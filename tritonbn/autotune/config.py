@@ -20,13 +20,15 @@ REGIMES = ("resident", "split")
 # warps. Measured with python -m bench.traffic (sm_90, the launch's own
 # specialization): the forward's 16384 (a 7x7 channel at batch 256, a 14x14
 # one at batch 64) compile with 121-128 registers and no spill; the backward
-# holds x and dy: 8192 compile with 94-104 registers and no spill, 16384
-# spill in float32.
+# holds x and dy: 8192 compile with 94-104 registers and no spill; 16384
+# with 128 and no spill for float16 / bfloat16, but spill in float32.
 RESIDENT_LIMIT = {"forward": 16384, "backward": 8192, "inference": 0}
+RESIDENT_LIMIT_16BIT_BACKWARD = 16384
 # Elements per tile of a looping program, and the number of programs a split
-# grid aims for, per streaming multiprocessor.
+# grid aims for, per streaming multiprocessor: at the 4-8 programs of 4-8
+# warps an SM holds (bench.traffic's occupancy), about two waves or more.
 TILE = 2048
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 16
 # The interpreter pays ~10 ms per program and ~5 ms per loop step whatever
 # the block size, so there the heuristic picks few, large tiles.
 INTERPRETER_TILE = 16384
@@ -174,9 +176,9 @@ def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
     channel_blocks = cdiv(problem.C, block_c)
     tiles_n = cdiv(problem.N, block_n)
     tiles_s = cdiv(problem.S, block_s)
-    want = min(MAX_SPLITS, max(1, target_programs // channel_blocks))
+    want = min(MAX_SPLITS, max(1, cdiv(target_programs, channel_blocks)))
     split_n = min(tiles_n, want)
-    split_s = min(tiles_s, max(1, want // split_n))
+    split_s = min(tiles_s, cdiv(want, split_n))
     return LaunchConfig("split", block_n, block_c, block_s, split_n, split_s,
                         num_warps=_num_warps(block_n * block_c * block_s))
 
@@ -190,7 +192,10 @@ def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
         return resident or _split(problem, INTERPRETER_TILE, target_programs=1)
     sms = _sm_count(problem.device.type, problem.device.index)
     if allow_resident:
-        resident = _resident(problem, RESIDENT_LIMIT[problem.op])
+        limit = RESIDENT_LIMIT[problem.op]
+        if problem.op == "backward" and problem.dtype in (torch.float16, torch.bfloat16):
+            limit = RESIDENT_LIMIT_16BIT_BACKWARD
+        resident = _resident(problem, limit)
         # one program per channel block is enough when that fills the GPU,
         # or when the whole problem is small enough that launches dominate
         numel = problem.N * problem.C * problem.S
