@@ -49,7 +49,7 @@ def bn_bwd_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -70,11 +70,11 @@ def bn_bwd_sums_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         for s0 in range(s_start, s_end, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                           stride_yn, stride_yc, stride_ys, RELU,
-                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
             if RELU_FROM_X:
                 g = tl.where(relu_mask_from_x(x, mean, scale[None, :, None], bias[None, :, None],
                                               X.dtype.element_ty), g, 0.0)
@@ -140,7 +140,7 @@ def bn_bwd_dx_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -166,18 +166,18 @@ def bn_bwd_dx_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         for s0 in range(s_start, s_end, BLOCK_S):
             _, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                                   BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                   BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                           stride_yn, stride_yc, stride_ys, RELU,
-                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
             dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
                 tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
             if COMPUTE_DX:
                 if TRAINING:
                     offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                           BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
                     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
                     if RELU_FROM_X:
                         g = tl.where(relu_mask_from_x(x, mean, scale, bias, X.dtype.element_ty), g, 0.0)
@@ -203,16 +203,16 @@ def bn_bwd_resident_kernel(
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     offs, mask = tile_offsets(0, 0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     g = load_grad(DY, Y, 0, 0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
-                  stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                  stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
     mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
     invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
     scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
@@ -220,7 +220,7 @@ def bn_bwd_resident_kernel(
         g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
                                       X.dtype.element_ty), g, 0.0)
     dx_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
-                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
     if STORE_DRESIDUAL:
         tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
     xhat = tl.where(mask, x - mean[None, :, None], 0.0) * invstd[None, :, None]

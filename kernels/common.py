@@ -28,12 +28,17 @@ def tile_offsets(
     n0, s0, cols, cmask, N, S,
     stride_n, stride_c, stride_s,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr,
 ):
-    """Element offsets and in-bounds mask of the tile starting at (n0, cols[0], s0)."""
+    """Element offsets and in-bounds mask of the tile starting at (n0, cols[0], s0).
+
+    VEC > 1 (channel-strided only): the launcher found S, stride_n and stride_c
+    multiples of VEC and the tensor's start 16-byte aligned, so every run of VEC
+    values along S starts aligned and is wholly in or out of bounds; saying so
+    lets the compiler load VEC values at once where it cannot prove it (the
+    JIT only knows divisibility by 16, and S = 196 is not)."""
     n = n0 + tl.arange(0, BLOCK_N)
     s = s0 + tl.arange(0, BLOCK_S)
-    mask = (n < N)[:, None, None] & cmask[None, :, None] & (s < S)[None, None, :]
     c = cols
     if INT64:
         n = n.to(tl.int64)
@@ -41,8 +46,18 @@ def tile_offsets(
         c = c.to(tl.int64)
     if CHANNEL_INNER:
         offs = n[:, None, None] * stride_n + c[None, :, None] + s[None, None, :] * stride_s
+        mask = (n < N)[:, None, None] & cmask[None, :, None] & (s < S)[None, None, :]
     else:
-        offs = n[:, None, None] * stride_n + c[None, :, None] * stride_c + s[None, None, :]
+        n_offs = n * stride_n
+        c_offs = c * stride_c
+        if VEC > 1:
+            n_offs = tl.multiple_of(n_offs, VEC)
+            c_offs = tl.multiple_of(c_offs, VEC)
+            in_s = (s // VEC * VEC) < S  # the same lanes as s < S, with S a multiple of VEC
+        else:
+            in_s = s < S
+        offs = n_offs[:, None, None] + c_offs[None, :, None] + s[None, None, :]
+        mask = (n < N)[:, None, None] & cmask[None, :, None] & in_s[None, None, :]
     return offs, mask
 
 
@@ -52,13 +67,13 @@ def epilogue(
     stride_rn, stride_rc, stride_rs,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """The fused variants' tail on a tile of y: + residual, then ReLU, before the
     one rounding to the output dtype. A NaN passes the ReLU, as torch.relu's does."""
     if HAS_RESIDUAL:
         r_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_rn, stride_rc, stride_rs,
-                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
         y = y + tl.load(R + r_offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if RELU:
         y = tl.where(y < 0.0, 0.0, y)
@@ -72,16 +87,16 @@ def load_grad(
     stride_yn, stride_yc, stride_ys,
     RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """A tile of dy; after a fused ReLU, the gradient that reaches the batch norm
     (and the residual): dy where the forward's output y > 0, else 0."""
     g_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_gn, stride_gc, stride_gs,
-                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
     g = tl.load(DY + g_offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if RELU:
         y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
-                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
         y = tl.load(Y + y_offs, mask=mask, other=0.0)
         g = tl.where(y > 0, g, 0.0)
     return g

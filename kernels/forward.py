@@ -40,7 +40,7 @@ def welford_edge_tiles(
     X, count, mean, m2, n_lo, n_hi, s_lo, s_hi, cols, cmask, N, S,
     stride_xn, stride_xc, stride_xs,
     BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Add the (partial) tiles of [n_lo, n_hi) x [s_lo, s_hi) to the per-channel
     Welford triple (count, mean, m2) [BLOCK_C]: each tile's exact two-pass
@@ -49,7 +49,7 @@ def welford_edge_tiles(
     for n0 in range(n_lo, n_hi, BLOCK_N):
         for s0 in range(s_lo, s_hi, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             tile_count = tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0)
             tile_mean = tl.sum(tl.sum(x, 2), 0) / tl.maximum(tile_count, 1.0)
@@ -59,7 +59,11 @@ def welford_edge_tiles(
     return count, mean, m2
 
 
-@triton.jit
+# n_per_split is not specialized: divisible by 16, the sm_90 build spilled 16
+# bytes (fp32, 8x1x256 tiles, VEC 4; bench.traffic); generic, it does not, for
+# any split count. (s_per_split stays specialized: its divisibility keeps the
+# tiles' starts along S aligned, hence the wide loads.)
+@triton.jit(do_not_specialize=["n_per_split"])
 def bn_fwd_stats_kernel(
     X,              # (N, C, S) input, strides (stride_xn, stride_xc, stride_xs)
     Partials,       # [3, P, C] count, mean, m2 per (split, channel); P = SPLIT_N * SPLIT_S
@@ -67,7 +71,7 @@ def bn_fwd_stats_kernel(
     stride_xn, stride_xc, stride_xs,
     n_per_split, s_per_split,   # multiples of BLOCK_N / BLOCK_S
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -91,7 +95,7 @@ def bn_fwd_stats_kernel(
     for n0 in range(n_start, n_full, BLOCK_N):
         for s0 in range(s_start, s_full, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             taken += 1.0
             delta = x - mean
@@ -102,10 +106,10 @@ def bn_fwd_stats_kernel(
     # the partial tiles: the last S tile of each full N row, then the last N tile
     count, mean, m2 = welford_edge_tiles(X, count, mean, m2, n_start, n_full, s_full, s_end, cols, cmask,
                                          N, S, stride_xn, stride_xc, stride_xs,
-                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
     count, mean, m2 = welford_edge_tiles(X, count, mean, m2, n_full, n_end, s_start, s_end, cols, cmask,
                                          N, S, stride_xn, stride_xc, stride_xs,
-                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
 
     base = split * C + cols
     tl.store(Partials + base, count, mask=cmask)
@@ -149,7 +153,7 @@ def bn_fwd_normalize_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -169,13 +173,13 @@ def bn_fwd_normalize_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         for s0 in range(s_start, s_end, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             y = epilogue(tl.fma(x - mean, scale, bias), R, n0, s0, cols, cmask, mask, N, S,
                          stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
-                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
             y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
-                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -195,13 +199,13 @@ def bn_fwd_resident_kernel(
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     offs, mask = tile_offsets(0, 0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
 
     count = tl.maximum(tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0), 1.0)
@@ -217,9 +221,9 @@ def bn_fwd_resident_kernel(
     # one fma, as in bn_fwd_normalize_kernel: the backward's recomputed ReLU mask relies on it
     y = tl.fma(xmu, scale[None, :, None], bias[None, :, None])
     y = epilogue(y, R, 0, 0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
-                 HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                 HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
     y_offs, _ = tile_offsets(0, 0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
-                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
     tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

@@ -37,7 +37,7 @@ def bn_inference_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -66,11 +66,11 @@ def bn_inference_kernel(
     for n0 in range(n_start, n_end, BLOCK_N):
         for s0 in range(s_start, s_end, BLOCK_S):
             offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
             y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
-                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64)
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
             y = epilogue(x * scale + shift, R, n0, s0, cols, cmask, mask, N, S,
                          stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
-                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, ACC_DTYPE)
+                         BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -171,10 +171,31 @@ def meta_acc_dtype(dtype: torch.dtype):
     return _ACC.get(dtype, tl.float32)
 
 
+def vector_width(view: View, *tensors: torch.Tensor | None) -> int:
+    """The kernels' VEC: for channel-strided data, the most values (up to 16
+    bytes) that start every aligned run along S in all these tensors -- S, each
+    tensor's N and C strides multiples of it, each start 16-byte aligned -- so
+    that loads and stores of that many values at once are safe. 1 where
+    nothing more can be promised (channel-inner data, S = 49)."""
+    if view.channel_inner:
+        return 1
+    present = [t for t in tensors if t is not None]
+    vec = 16 // present[0].element_size()
+    while vec > 1 and not (view.S % vec == 0 and all(_runs_aligned(t, vec) for t in present)):
+        vec //= 2
+    return vec
+
+
+def _runs_aligned(t: torch.Tensor, vec: int) -> bool:
+    return (t.data_ptr() % 16 == 0 and (t.shape[0] == 1 or t.stride(0) % vec == 0)
+            and (t.shape[1] == 1 or t.stride(1) % vec == 0))
+
+
 def meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor | None) -> dict:
     """The tile constexprs and warps every data kernel takes."""
     return dict(BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c, BLOCK_S=cfg.block_s,
                 CHANNEL_INNER=view.channel_inner, INT64=needs_int64(x, *tensors),
+                VEC=vector_width(view, x, *tensors),
                 ACC_DTYPE=meta_acc_dtype(x.dtype), num_warps=cfg.num_warps)
 
 
@@ -382,7 +403,8 @@ def _source(op: str):
 def forward_key(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
                 momentum, eps, residual, relu: bool) -> tuple:
     """The key of a forward call. Eval ignores momentum and num_batches_tracked,
-    as the kernels do. Inlined attribute reads: this runs on every call."""
+    as the kernels do. The data's 16-byte alignment is in it (vector_width).
+    Inlined attribute reads: this runs on every call."""
     if training:
         tracked = None if num_batches_tracked is None else (
             num_batches_tracked.shape, num_batches_tracked.dtype, num_batches_tracked.device)
@@ -390,7 +412,7 @@ def forward_key(input, weight, bias, running_mean, running_var, num_batches_trac
     else:
         head = (False, None, eps, relu, None)
     return (*head,
-            input.shape, input.stride(), input.dtype, input.device,
+            input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16,
             None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
             None if running_mean is None else (running_mean.shape, running_mean.stride(),
@@ -398,18 +420,18 @@ def forward_key(input, weight, bias, running_mean, running_var, num_batches_trac
             None if running_var is None else (running_var.shape, running_var.stride(),
                                               running_var.dtype, running_var.device),
             None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                           residual.device))
+                                           residual.device, residual.data_ptr() % 16))
 
 
 def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
                  bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple:
     return (training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
-            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
-            input.shape, input.stride(), input.dtype, input.device,
+            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, grad_out.data_ptr() % 16,
+            input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16,
             None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
             save_mean.shape, save_mean.stride(), save_mean.dtype,
             save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
-            None if output is None else (output.shape, output.stride(), output.dtype),
+            None if output is None else (output.shape, output.stride(), output.dtype, output.data_ptr() % 16),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device))
 
 
