@@ -10,14 +10,46 @@ import torch
 
 from tritonbn.autotune import LaunchConfig
 
+# bfloat16 on the Triton interpreter: its float32 -> bfloat16 conversion
+# truncates where a GPU (and torch) rounds to nearest even, so about half the
+# values land one more unit (2**-7 relative) away. A bfloat16 comparison on CPU
+# tests the interpreter's conversion, not the kernel: this is the allowance for it.
+INTERPRETER_BF16_ULP = 2.0**-7
+
 # floor added to 2x torch's own error, per dtype: absolute for values of
 # magnitude up to 1, relative above (dweight and dbias are sums over N * S values;
 # the interpreter sums them in a different order than torch or a GPU does)
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# plus this fraction of the largest reference value: the Triton interpreter
-# converts float32 to bfloat16 by truncation (a GPU rounds to nearest), so a
-# bfloat16 result may be off by one unit in the last place, 2**-7 relative.
-ULP = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0**-7}
+# plus this fraction of the largest reference value: the interpreter's bfloat16 truncation
+ULP = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: INTERPRETER_BF16_ULP}
+
+
+# Comparing tritonbn with torch directly (same input, same dtype): (rtol, atol),
+# atol relative to the largest |value| of torch's result when above 1. Two
+# results each rounded once from nearly the same exact value: a unit or two in
+# the last place (float16 / bfloat16), sums in another order (float32, float64).
+TORCH_TOLERANCE = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-5),
+                   torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def torch_tolerance(dtype: torch.dtype, interpreted: bool) -> tuple[float, float]:
+    """(rtol, atol) for tritonbn against torch in `dtype`, on the interpreter or not."""
+    rtol, atol = TORCH_TOLERANCE[dtype]
+    if dtype == torch.bfloat16 and interpreted:
+        rtol, atol = rtol + INTERPRETER_BF16_ULP, atol + INTERPRETER_BF16_ULP
+    return rtol, atol
+
+
+def assert_close_to_torch(name: str, ours: torch.Tensor, theirs: torch.Tensor, interpreted: bool) -> None:
+    """Same shape and dtype, values within torch_tolerance (NaN where torch has NaN)."""
+    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)}, torch gives {tuple(theirs.shape)}"
+    assert ours.dtype == theirs.dtype, f"{name}: dtype {ours.dtype}, torch gives {theirs.dtype}"
+    if not theirs.numel():
+        return
+    rtol, atol = torch_tolerance(theirs.dtype, interpreted)
+    magnitude = max(1.0, theirs.double().abs().nan_to_num(0.0, 0.0, 0.0).max().item())
+    torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=atol * magnitude,
+                               equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 def channel_dims(x: torch.Tensor) -> list[int]:

@@ -123,3 +123,60 @@ def test_cumulative_average_needs_num_batches_tracked(device):
         batch_norm_tracked(torch.randn(4, 3, device=device), running_mean, running_var,
                            training=True, momentum=None)
     _assert_untouched(running_mean, running_var)
+
+
+@pytest.mark.parametrize("argument,value", [
+    ("input", [[1.0, 2.0, 3.0]]),
+    ("running_mean", [0.0, 0.0, 0.0]),
+    ("weight", 1.0),
+    ("bias", "zeros"),
+    ("momentum", "0.1"),
+    ("eps", None),
+    ("training", 1),
+])
+def test_wrong_argument_type(device, argument, value):
+    """A TypeError naming the argument, before anything is launched or written
+    (torch raises TypeError for these too)."""
+    running_mean, running_var = _buffers(device)
+    args = dict(input=torch.randn(4, 3, device=device), running_mean=running_mean, running_var=running_var,
+                weight=None, bias=None, training=True, momentum=0.1, eps=1e-5)
+    args[argument] = value
+    with pytest.raises(TypeError, match=rf"argument '{argument}' must be"):
+        tritonbn.batch_norm(**args)
+    _assert_untouched(running_mean, running_var)
+    if argument != "input":  # torch's is an AttributeError from input.size()
+        with pytest.raises(TypeError):
+            F.batch_norm(**args)
+
+
+def test_wrong_type_after_a_planned_call(device):
+    """A call whose plan is cached, repeated with a wrong-typed argument: the
+    plan's key keeps only training's truth value, so the type is checked before."""
+    running_mean, running_var = _buffers(device)
+    x = torch.randn(4, 3, device=device)
+    for _ in range(2):
+        tritonbn.batch_norm(x, running_mean, running_var, training=True)
+    before = running_mean.clone(), running_var.clone()
+    with pytest.raises(TypeError, match="argument 'training' must be bool"):
+        tritonbn.batch_norm(x, running_mean, running_var, training="yes")
+    with pytest.raises(TypeError, match="argument 'momentum' must be float"):
+        tritonbn.batch_norm(x, running_mean, running_var, training=True, momentum=None)
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+def test_numbers_torch_accepts(device):
+    """momentum / eps as an int, a numpy scalar or a one-element tensor, as torch takes them."""
+    import numpy as np
+    x = torch.randn(4, 3, device=device)
+    expected = F.batch_norm(x, None, None, training=True, eps=1)
+    for eps in (1, np.float64(1.0), torch.tensor(1.0)):
+        torch.testing.assert_close(tritonbn.batch_norm(x, None, None, training=True, eps=eps), expected)
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_rank_error_is_clearer_than_torchs(device, shape):
+    """A 0-D or non-empty 1-D input: tritonbn's ValueError (torch's errors there
+    are accidental: IndexError, or a running_mean size mismatch)."""
+    with pytest.raises(ValueError, match=r"input of shape \(N, C, \*\)"):
+        tritonbn.batch_norm(torch.randn(shape, device=device), torch.zeros(5, device=device),
+                            torch.ones(5, device=device))

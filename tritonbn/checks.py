@@ -5,10 +5,61 @@ PyTorch's batch_norm, so code that catches torch's errors catches ours.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_training_flag(training) -> None:
+    """training must be a bool, as torch's binding demands: the launch-plan key
+    keeps only its truth value, so this runs before the key is looked up."""
+    if training is not True and training is not False:
+        raise TypeError(f"batch_norm: argument 'training' must be bool, not {type(training).__name__}")
+
+
+def check_running_stats_tangents(input, running_mean, running_var, weight, bias, residual) -> None:
+    """torch's error for forward-mode AD through eval-mode batch_norm with
+    tangents on the running statistics (y depends on them there, but batch_norm
+    is not differentiable in them); as in torch, only when another input has a
+    tangent too. Checked before the forward: inside the autograd.Function
+    absent tangents arrive as zeros. Only while a forward-AD level is open."""
+    from torch.autograd.forward_ad import unpack_dual
+
+    def has_tangent(t) -> bool:
+        return isinstance(t, torch.Tensor) and unpack_dual(t).tangent is not None
+
+    if (has_tangent(running_mean) or has_tangent(running_var)) and any(
+            has_tangent(t) for t in (input, weight, bias, residual)):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, "
+                           "they cannot have forward grad defined")
+
+
+def check_types(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked=None,
+                residual=None) -> tuple[float | None, float]:
+    """TypeError naming the argument for anything that is not a Tensor where
+    one is expected (None allowed but for input), or not a real number for
+    momentum / eps (momentum may be None: the cumulative average). Runs before
+    anything reads a tensor attribute. Returns (momentum, eps) as Python
+    numbers: a one-element tensor is read once, as torch's binding reads it."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: argument 'input' must be Tensor, not {type(input).__name__}")
+    optional = {"running_mean": running_mean, "running_var": running_var, "weight": weight, "bias": bias,
+                "num_batches_tracked": num_batches_tracked, "residual": residual}
+    for name, t in optional.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"batch_norm: argument '{name}' must be Tensor or None, not {type(t).__name__}")
+    return (None if momentum is None else _real("momentum", momentum)), _real("eps", eps)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return value.item()
+    if isinstance(value, numbers.Real):
+        return value
+    raise TypeError(f"batch_norm: argument '{name}' must be float, not {type(value).__name__}")
 
 
 def check_rank(input: torch.Tensor) -> None:

@@ -235,6 +235,16 @@ def mark_updated(*tensors: Tensor | None) -> None:
             torch.autograd.graph.increment_version(t)
 
 
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
+def _legacy_batched(t: Tensor) -> bool:
+    """A tensor of autograd's own vmap (torch.autograd.grad(is_grads_batched=True),
+    gradcheck's check_batched_grad): a plain Tensor to type() and to functorch,
+    but with no storage, so no kernel may read it."""
+    return _is_legacy_batched(t)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Forward and backward ops tied for autograd. apply returns (y, save_mean,
     save_invstd), the statistics not differentiable; backward saves only (x,
@@ -288,9 +298,11 @@ class BatchNormFunction(torch.autograd.Function):
                 # torch.func.grad / jacrev: the custom op's autograd does not support
                 # functorch, so differentiate the formula in torch ops
                 found = _formula_grads(*args)
-            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y, bias):
+            elif not torch.is_grad_enabled() and _plain_eager(grad_out, input, weight, y, bias) \
+                    and not _legacy_batched(grad_out):
                 found = _backward_grads(*args[:8], *args[9:])
-            else:  # create_graph=True or tracing: the op, whose autograd is the double backward
+            else:  # create_graph=True, tracing, or batched grads (the op's batching fallback
+                # runs it once per slice): the op, whose autograd is the double backward
                 found = torch.ops.tritonbn.batch_norm_backward(*args)
             grads = [g if m else None for g, m in zip(found, mask)]
         if need_residual and y is None:
@@ -328,7 +340,9 @@ class EagerBatchNormFunction(BatchNormFunction):
 
     @staticmethod
     def jvp(ctx, input_t, weight_t, bias_t, *other_tangents):
-        """Forward-mode derivative of y (torch.func.jvp, jacfwd, hessian)."""
+        """Forward-mode derivative of y (torch.func.jvp, jacfwd, hessian). Tangents
+        on the running statistics are refused before the forward, in eval
+        (tritonbn.checks.check_running_stats_tangents)."""
         input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
         mask = derivatives.relu_mask(input, weight, bias, save_mean, save_invstd, y, ctx.relu_from_input)
         y_t = derivatives.output_tangent(input, weight, save_mean, save_invstd, ctx.training,
