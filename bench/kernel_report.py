@@ -326,27 +326,74 @@ def _access_bytes(suffixes: str) -> int:
 
 def compile_variants(log, arch: int) -> list[dict]:
     """Compile each distinct recorded variant, with the specialization its
-    launch gets; one row per variant."""
+    launch gets; one row per variant (variant_row, then the compile results)."""
     variants = {}
     for launch in log:
         variant = Variant.of(launch)
         variants.setdefault(variant.key, variant)
     rows = []
-    for variant in variants.values():
-        constexprs, sig = variant.constexprs, variant.sig
-        # the merge and reduce kernels read partials only: no x, no N / S blocks, no layout
-        # (and the reduce kernel's accumulation dtype is its partials' own)
-        blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
-        layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
-        row = dict(kernel=variant.fn.__name__, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
-                   acc=str(constexprs.get("ACC_DTYPE", sig.get("Partials", "-").lstrip("*"))), layout=layout,
-                   int64=constexprs.get("INT64", False), blocks=blocks, warps=variant.num_warps,
-                   flags=",".join(k for k, v in constexprs.items()
-                                  if v is True and k not in ("CHANNEL_INNER", "INT64")))
+    for variant in progress_bar(variants.values(), f"compiling for sm_{arch}"):
         result = compile_variant(variant, arch)
         del result["accesses"]  # bench.traffic reads them, per tensor
-        rows.append(dict(row, **result))
+        rows.append(dict(variant_row(variant), **result))
     return rows
+
+
+# the columns of variant_row: together they tell any two distinct variants apart
+ROW_KEY = ["kernel", "dtype", "acc", "layout", "int64", "blocks", "warps", "flags", "consts", "pointers",
+           "scalars", "eq1", "not_div16"]
+_SHOWN = {"BLOCK_N", "BLOCK_C", "BLOCK_S", "CHANNEL_INNER", "INT64", "ACC_DTYPE"}
+
+
+def variant_row(variant: Variant) -> dict:
+    """A variant as table columns (ROW_KEY): everything its key holds. flags: the
+    constexpr flags that are on; consts: the other constexprs and launch
+    options; pointers: the dtype of every pointer; scalars: runtime scalars
+    that are neither i32 nor fp32; eq1: ints equal to 1 (folded by the JIT);
+    not_div16: pointers (by address) and ints the JIT did not find divisible
+    by 16."""
+    constexprs, sig = variant.constexprs, variant.sig
+    declared = {p.name for p in variant.fn.params if p.is_constexpr}
+    # the merge and reduce kernels read partials only: no x, no N / S blocks, no layout
+    # (and the reduce kernel's accumulation dtype is its partials' own)
+    blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
+    layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
+    consts = [f"{k}={v}" for k, v in constexprs.items()
+              if k in declared and k not in _SHOWN and not isinstance(v, bool)]
+    consts += [f"{k}={v}" for k, v in variant.options.items() if k != "num_warps"]
+    runtime = [(index, name, kind) for index, (name, kind) in enumerate(sig.items()) if name not in declared]
+    return dict(
+        kernel=variant.fn.__name__, dtype=sig.get("X", sig.get("Partials", "?")).lstrip("*"),
+        acc=str(constexprs.get("ACC_DTYPE", sig.get("Partials", "-").lstrip("*"))), layout=layout,
+        int64=constexprs.get("INT64", False), blocks=blocks, warps=variant.num_warps,
+        flags=",".join(k for k, v in constexprs.items() if v is True and k not in _SHOWN),
+        consts=" ".join(consts),
+        pointers=_grouped((kind.lstrip("*"), name) for _, name, kind in runtime if kind.startswith("*")),
+        scalars=_grouped((kind, name) for _, name, kind in runtime
+                         if kind not in ("i32", "fp32", "constexpr") and not kind.startswith("*")),
+        eq1=" ".join(name if constexprs[name] == 1 else f"{name}={constexprs[name]}"
+                     for _, name, kind in runtime if kind == "constexpr"),
+        not_div16=" ".join(name for index, name, kind in runtime  # floats are never specialized
+                           if kind != "constexpr" and not kind.startswith("fp")
+                           and (index,) not in variant.attrs))
+
+
+def _grouped(pairs) -> str:
+    """"fp16: X Y; fp32: Weight Bias" from (dtype, name) pairs, in order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for kind, name in pairs:
+        groups.setdefault(kind, []).append(name)
+    return "; ".join(f"{kind}: {' '.join(names)}" for kind, names in groups.items())
+
+
+def progress_bar(items, description: str, total: int | None = None):
+    """A tqdm bar on stderr over compiled variants (tqdm: the bench extra;
+    imported here so that importing this module for its recorder needs none)."""
+    try:
+        from tqdm import tqdm
+    except ImportError as error:
+        raise SystemExit('the bench commands need tqdm: pip install -e ".[bench]"') from error
+    return tqdm(items, desc=description, total=total, unit="variant")
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -413,7 +460,7 @@ def main(argv=None) -> int:
     problems = problems_for(shapes, [ARCH_DTYPES[d] for d in args.dtypes], args.layouts, args.ops, args.sms,
                             args.candidates)
     rows = compile_variants(record_launches(problems), args.arch)
-    table = pd.DataFrame(rows).sort_values(["kernel", "dtype", "layout", "blocks", "warps"])
+    table = pd.DataFrame(rows).sort_values(ROW_KEY)
     print(table.to_string(index=False))
     failed, spilled = (~table.ok).sum(), (table.spill_bytes.fillna(0) > 0).sum()
     print(f"{len(table)} variants for sm_{args.arch}: {failed} failed to compile, {spilled} spill registers")

@@ -6,8 +6,9 @@ warm-up, with the L2 cache flushed before every repetition so small shapes are
 not flattered. Bandwidth: the minimal-bytes model of DESIGN.md (PASSES tensor
 passes per mode, the same for every provider) over the median time, and as a
 fraction of a device-to-device copy of the same tensor timed in the same run.
-Without a GPU the kernels run on the Triton interpreter: those timings are
-wall-clock medians with no meaning for GPU speed.
+Without a GPU the kernels run on the Triton interpreter, and the run checks
+correctness only: interpreter timings say nothing about GPU speed, so rows are
+timed there (wall-clock medians) only with --interpreter-timings.
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ import triton
 from . import providers
 from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, SUITES, layouts_for, select_shapes
-from tritonbn.progress import progress
+
+try:
+    from tqdm import tqdm
+except ImportError as error:  # not a dependency of tritonbn itself: the bench extra
+    raise SystemExit('python -m bench needs tqdm (and matplotlib for its plot): pip install -e ".[bench]"') \
+        from error
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "autotune", "mode", "shape",
@@ -107,15 +113,20 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "triton-interpreter-cpu"
 
 
-def bench_group(mode, shape, dtype_name, layout, provider_names, device, context) -> list[dict]:
-    """All providers of one (mode, shape, dtype, layout): check, then time."""
+UNTIMED = "correct; not timed (interpreter: --interpreter-timings)"
+
+
+def bench_group(mode, shape, dtype_name, layout, provider_names, device, context, timed=True) -> list[dict]:
+    """All providers of one (mode, shape, dtype, layout): check, then time
+    (unless not ``timed``: then the timing columns stay NaN)."""
     dtype = DTYPES[dtype_name]
     inputs = Inputs.make(shape, dtype, layout == "channels_last", device)
     references = None if mode in providers.EPILOGUES else reference_outputs(mode, inputs)
-    copy_dst = torch.empty_like(inputs.x)
-    copy_ms = measure_ms(lambda: copy_dst.copy_(inputs.x))
     tensor_bytes = inputs.x.numel() * inputs.x.element_size()
-    copy_gbps = 2 * tensor_bytes / copy_ms / 1e6
+    copy_gbps = math.nan
+    if timed:
+        copy_dst = torch.empty_like(inputs.x)
+        copy_gbps = 2 * tensor_bytes / measure_ms(lambda: copy_dst.copy_(inputs.x)) / 1e6
     rows = []
     for provider in provider_names:
         row = dict(context, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout,
@@ -126,7 +137,9 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
             outputs = call()
             row["max_error"] = max_error(outputs, references or reference_outputs(mode, inputs, outputs))
             row["correct"] = row["max_error"] <= TOLERANCE[dtype]
-            if row["correct"]:  # a wrong result is not timed
+            if row["correct"] and not timed:
+                row["note"] = UNTIMED
+            elif row["correct"]:  # a wrong result is not timed
                 row["median_ms"] = measure_ms(call)
                 row["gbps"] = PASSES[mode] * tensor_bytes / row["median_ms"] / 1e6
                 row["frac_copy"] = row["gbps"] / copy_gbps
@@ -150,20 +163,31 @@ def plan_rows(args) -> list[tuple]:
 
 
 def summarize(df: pd.DataFrame) -> str:
-    ours = df[(df.provider == "tritonbn") & df.correct]
-    lines = []
-    if len(ours):
-        geomean = ours.groupby(["mode", "dtype", "layout"])[["speedup_vs_eager", "speedup_vs_compile"]].agg(
-            lambda s: math.exp(s.dropna().map(math.log).mean()) if s.notna().any() else math.nan)
-        lines += ["geometric-mean speedup of tritonbn:", geomean.round(3).to_string(), ""]
-    bandwidth = df[df.correct].pivot_table(index="mode", columns="provider", values="frac_copy",
-                                           aggfunc="median")
-    lines += ["median fraction of copy bandwidth:", bandwidth.round(3).to_string(), ""]
+    """Correctness per mode, dtype and provider; speed-ups and bandwidth where rows were timed."""
+    tolerances = ", ".join(f"{name} {TOLERANCE[DTYPES[name]]:g}" for name in sorted(set(df.dtype)))
+    lines = [f"largest error, max |out - ref| / max(1, max |ref|) (tolerance: {tolerances}):",
+             df.pivot_table(index=["mode", "dtype"], columns="provider", values="max_error", aggfunc="max")
+             .map(lambda e: f"{e:.1e}").to_string(), ""]
+    timed = df[df.correct & df.median_ms.notna()]
+    if not timed.empty:
+        lines += _speed_summary(timed)
     wrong = df[~df.correct]
     lines.append(f"{len(df)} rows, {len(wrong)} not correct or failed"
                  + ("" if wrong.empty else ":\n" + wrong[["mode", "shape", "dtype", "layout", "provider",
                                                             "max_error", "note"]].to_string()))
     return "\n".join(lines)
+
+
+def _speed_summary(df: pd.DataFrame) -> list[str]:
+    caveat = "" if df.gpu_run.all() else " (Triton interpreter wall-clock, NOT GPU speed)"
+    ours = df[df.provider == "tritonbn"]
+    lines = []
+    if len(ours):
+        geomean = ours.groupby(["mode", "dtype", "layout"])[["speedup_vs_eager", "speedup_vs_compile"]].agg(
+            lambda s: math.exp(s.dropna().map(math.log).mean()) if s.notna().any() else math.nan)
+        lines += [f"geometric-mean speedup of tritonbn{caveat}:", geomean.round(3).to_string(), ""]
+    bandwidth = df.pivot_table(index="mode", columns="provider", values="frac_copy", aggfunc="median")
+    return lines + [f"median fraction of copy bandwidth{caveat}:", bandwidth.round(3).to_string(), ""]
 
 
 def parse_args(argv=None):
@@ -188,6 +212,9 @@ def parse_args(argv=None):
     parser.add_argument("--host", action="store_true",
                         help="per-call host time of tritonbn against torch on tiny tensors (bench/host.py); "
                              "without a GPU the kernel launches are stubbed out")
+    parser.add_argument("--interpreter-timings", action="store_true",
+                        help="without a GPU, time the rows too and print speed-ups: wall-clock of the "
+                             "Triton interpreter, which says nothing about GPU speed (default: correctness only)")
     parser.add_argument("--no-autotune", action="store_true",
                         help="tritonbn with its heuristic configs (TRITONBN_AUTOTUNE=0); by default a "
                              "shape seen first is tuned during its correctness check, before timing")
@@ -231,9 +258,14 @@ def run(argv=None) -> pd.DataFrame:
         if not kernels.INTERPRETED:
             raise SystemExit("no GPU: set TRITON_INTERPRET=1 before tritonbn is imported "
                              "(python -m bench does)")
-        print("tritonbn bench: NO GPU - kernels run on the Triton interpreter on the CPU. The timings are "
-              "interpreter wall-clock and say nothing about GPU speed; the run checks correctness.",
-              flush=True)
+        if args.interpreter_timings:
+            print("tritonbn bench: NO GPU - kernels run on the Triton interpreter on the CPU. Timed as asked "
+                  "(--interpreter-timings): interpreter wall-clock, which says NOTHING about GPU speed.",
+                  flush=True)
+        else:
+            print("tritonbn bench: NO GPU - kernels run on the Triton interpreter on the CPU. This run checks "
+                  "correctness only (each provider against the float64 reference); interpreter timings say "
+                  "nothing about GPU speed (--interpreter-timings times them anyway).", flush=True)
     else:
         print(f"tritonbn bench: real GPU run on {device_name()} (CUDA-event medians, L2 flushed)", flush=True)
     if args.no_autotune:
@@ -243,14 +275,15 @@ def run(argv=None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = _csv_path(args.out)
     groups = plan_rows(args)
+    timed = device == "cuda" or args.interpreter_timings
     rows = []
-    for done, (mode, shape, dtype, layout) in enumerate(groups):
-        progress(done, len(groups), f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
-        new = bench_group(mode, shape, dtype, layout, args.providers, device, context)
-        pd.DataFrame(new, columns=SCHEMA).to_csv(csv_path, mode="a", header=not csv_path.exists(),
-                                                 index=False)
-        rows += new
-    progress(len(groups), len(groups), "done")
+    with tqdm(groups, desc="bench", unit="group") as bar:
+        for mode, shape, dtype, layout in bar:
+            bar.set_postfix_str(f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
+            new = bench_group(mode, shape, dtype, layout, args.providers, device, context, timed)
+            pd.DataFrame(new, columns=SCHEMA).to_csv(csv_path, mode="a", header=not csv_path.exists(),
+                                                     index=False)
+            rows += new
     df = pd.DataFrame(rows, columns=SCHEMA)
     print(summarize(df))
     print(f"rows appended to {csv_path.relative_to(ROOT) if csv_path.is_relative_to(ROOT) else csv_path}")
@@ -259,6 +292,6 @@ def run(argv=None) -> pd.DataFrame:
         try:
             print(f"plot: {plot(csv_path)}")
         except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install matplotlib; "
+            print('plot skipped: matplotlib is not installed (pip install -e ".[bench]"; '
                   f"then python -m bench.plot {csv_path})")
     return df

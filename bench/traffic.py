@@ -51,9 +51,8 @@ from typing import NamedTuple
 
 import torch
 
-from bench.kernel_report import Launch, Variant, bind, compile_variant, recording
+from bench.kernel_report import Launch, Variant, bind, compile_variant, progress_bar, recording
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, RESNET50_BATCHES, in_layout, select_shapes
-from tritonbn.progress import progress
 
 ARCH = 90
 H100_SMS = 132
@@ -337,8 +336,7 @@ def compile_all(launches: list[Launch], arch: int = ARCH, jobs: int = 1) -> dict
     results = {}
     try:
         outcomes = pool.map(_compile_pending, indices, arches) if pool else map(_compile_pending, indices, arches)
-        for done, (key, result) in enumerate(zip(variants, outcomes)):
-            progress(done + 1, len(variants), f"compiled {key[0]}")
+        for key, result in progress_bar(zip(variants, outcomes), f"compiling for sm_{arch}", len(variants)):
             results[key] = result
     finally:
         if pool is not None:

@@ -75,9 +75,8 @@ def backend_name(bn: str, device: torch.device) -> str:
         return "torch.nn"
     import tritonbn  # only now: TRITON_INTERPRET must be set first
 
-    if not tritonbn.ops.runs_triton(torch.empty(0, device=device)):
-        return "tritonbn-torch-fallback"
-    return "tritonbn-triton" if device.type == "cuda" else "tritonbn-interpreter"
+    return {"torch": "tritonbn-torch-fallback", "triton": "tritonbn-triton",
+            "triton-interpreter": "tritonbn-interpreter"}[tritonbn.backend(device)]
 
 
 def device_name(device: torch.device) -> str:

@@ -1,9 +1,14 @@
-"""The benchmark harness on one tiny shape: schema, correctness column, and
-that a wrong result is flagged and never timed."""
+"""The benchmark harness on one tiny shape: schema, correctness column, that a
+wrong result is flagged and never timed, and that the interpreter's run checks
+correctness without timing unless asked to."""
 import pandas as pd
+import pytest
 import torch
 
 from bench import providers, runner
+
+GPU = torch.cuda.is_available()
+TIMING = ["median_ms", "gbps", "copy_gbps", "frac_copy", "speedup_vs_eager", "speedup_vs_compile"]
 
 
 def _run(tmp_path, *extra):
@@ -12,7 +17,7 @@ def _run(tmp_path, *extra):
     return pd.read_csv(csv)
 
 
-def test_harness_rows_schema_and_correctness(tmp_path):
+def test_harness_rows_schema_and_correctness(tmp_path, capsys):
     df = _run(tmp_path)
     assert list(df.columns) == runner.SCHEMA
     assert set(df.provider) == set(providers.PROVIDERS)
@@ -21,8 +26,40 @@ def test_harness_rows_schema_and_correctness(tmp_path):
     assert len(df) == len(providers.PROVIDERS) * len(providers.MODES) * 2
     assert df.correct.all(), df[~df.correct]
     assert (df.max_error < runner.TOLERANCE[torch.float32]).all()
+    assert df.gpu_run.eq(GPU).all()
+    out = capsys.readouterr().out
+    assert "largest error" in out and f"{len(df)} rows, 0 not correct" in out
+    if GPU:
+        _assert_timed(df)
+    else:  # correctness only: nothing timed, no speed ratio printed
+        assert df[TIMING].isna().all().all()
+        assert (df.note == runner.UNTIMED).all()
+        assert "speedup" not in out and "bandwidth" not in out
+
+
+@pytest.mark.skipif(GPU, reason="the flag is for runs without a GPU")
+def test_interpreter_timings_only_when_asked(tmp_path, capsys):
+    df = _run(tmp_path, "--interpreter-timings", "--modes", "forward", "inference")
+    assert df.correct.all() and df.note.isna().all()
+    _assert_timed(df)
+    out = capsys.readouterr().out
+    assert "--interpreter-timings" in out and "NOTHING about GPU speed" in out
+    assert "geometric-mean speedup of tritonbn (Triton interpreter wall-clock, NOT GPU speed)" in out
+
+
+def test_plot_draws_what_was_measured(tmp_path):
+    """Bandwidth for timed rows; the error over the tolerance for untimed ones."""
+    pytest.importorskip("matplotlib")
+    from bench import plot
+    _run(tmp_path, "--modes", "inference", "--providers", "tritonbn")
+    (csv,) = tmp_path.glob("*.csv")
+    assert plot.plot(csv).exists()
+    column, _, _ = plot._metric(pd.read_csv(csv))
+    assert column == ("frac_copy" if GPU else "error_vs_tolerance")
+
+
+def _assert_timed(df):
     assert (df.median_ms > 0).all() and (df.gbps > 0).all() and (df.copy_gbps > 0).all()
-    assert df.gpu_run.eq(torch.cuda.is_available()).all()
     eager = df[df.provider == "eager"]
     assert (eager.speedup_vs_eager == 1.0).all()
     ours = df[df.provider == "tritonbn"].set_index(["mode", "layout"])

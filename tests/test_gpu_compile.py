@@ -50,3 +50,6 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "fp64"}
     spilled = [r for r in rows if r["spill_bytes"] and r["dtype"] != "fp64"]
     assert not spilled, spilled
+    # one row per variant, and its columns tell it apart from every other (kernel_report's table)
+    from bench.kernel_report import ROW_KEY
+    assert len({tuple(r[k] for k in ROW_KEY) for r in rows}) == len(rows)

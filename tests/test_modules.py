@@ -52,7 +52,9 @@ def test_every_option_matches_torch(device, torch_cls, our_cls, shape, momentum,
             pytest.skip(f"torch {torch.__version__} BatchNorm has no bias flag")
         kwargs["bias"] = False
     theirs, ours = _twins(torch_cls, our_cls, device, **kwargs)
-    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1]
+    # torch's repr, plus the backend the module runs on (the input's device's without parameters or buffers)
+    backend = tritonbn.backend(device) if affine or track else f"triton on cuda, {tritonbn.backend('cpu')} on cpu"
+    assert repr(ours).split("(", 1)[1] == repr(theirs).split("(", 1)[1][:-1] + f", backend={backend})"
     for step in range(3):
         training = step < 2
         theirs.train(training)

@@ -29,6 +29,7 @@ _map_checkout_folders()
 __version__ = "0.1.0"
 
 from . import functional, ops  # noqa: E402  (ops registers the torch.library ops)
+from .backend import FallbackWarning, backend  # noqa: E402
 from .functional import batch_norm, batch_norm_relu  # noqa: E402
 from .fuse import fuse_epilogues  # noqa: E402
 from .modules import (  # noqa: E402
@@ -36,6 +37,6 @@ from .modules import (  # noqa: E402
 )
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "batch_norm", "batch_norm_relu",
-    "convert_batchnorm", "functional", "fuse_epilogues", "ops", "revert_batchnorm",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FallbackWarning", "SyncBatchNorm", "backend", "batch_norm",
+    "batch_norm_relu", "convert_batchnorm", "functional", "fuse_epilogues", "ops", "revert_batchnorm",
 ]

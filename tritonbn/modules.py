@@ -3,8 +3,9 @@ them into a model.
 
 Each class subclasses its torch.nn counterpart and overrides only ``forward``:
 constructor, parameters, buffers, state_dict (including the rule that loads
-checkpoints saved before num_batches_tracked existed), ``reset_parameters``,
-``extra_repr`` and the input-rank checks are torch's own, and
+checkpoints saved before num_batches_tracked existed), ``reset_parameters``
+and the input-rank checks are torch's own; ``extra_repr`` is torch's plus the
+backend the module runs on (``print(model)`` shows a conversion), and
 ``isinstance(m, torch.nn.BatchNorm2d)`` stays true for code that looks for
 BatchNorm layers (weight-decay filters, BN freezing, init loops).
 """
@@ -17,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .backend import backend
 from .distributed import SyncBatchNormFunction
 from .functional import batch_norm_tracked
-from .ops import runs_triton
 
 # torch >= 2.13 has a keyword-only ``bias`` flag on BatchNorm; older releases do not.
 _TORCH_HAS_BIAS_FLAG = "bias" in inspect.signature(nn.BatchNorm2d.__init__).parameters
@@ -53,6 +54,17 @@ class _TritonBatchNorm:
 
     def forward(self, input: Tensor) -> Tensor:
         return module_batch_norm(self, input)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={module_backend(self)}"
+
+
+def module_backend(module: nn.Module) -> str:
+    """The backend (tritonbn.backend) for the device of the module's parameters
+    and buffers; a module with neither runs where its input is."""
+    for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return backend(tensor)
+    return f"{backend('cuda')} on cuda, {backend('cpu')} on cpu"
 
 
 def module_batch_norm(module: nn.modules.batchnorm._BatchNorm, input: Tensor,
@@ -98,6 +110,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     over all processes' batches (tritonbn/distributed.py); otherwise exactly
     tritonbn's BatchNorm. Constructor, buffers, state_dict and errors are torch's."""
 
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={module_backend(self)}"
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
@@ -112,7 +127,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     # collectives and launches run eagerly: torch.compile breaks the graph here
     @torch.compiler.disable
     def _synchronized_forward(self, input: Tensor, group, world_size: int) -> Tensor:
-        if not runs_triton(input):
+        if backend(input) == "torch":
             raise ValueError(f"tritonbn.SyncBatchNorm runs on CUDA tensors (or on CPU tensors with "
                              f"TRITON_INTERPRET=1), got input on {input.device}")
         momentum = 0.0 if self.momentum is None else self.momentum

@@ -31,13 +31,9 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import derivatives, fallback, kernels, launch, plans
+from . import derivatives, fallback, launch, plans
+from .backend import runs_triton  # whether the Triton kernels handle a tensor (warns once when not)
 from .checks import check_inputs, check_mode, check_residual
-
-
-def runs_triton(t: Tensor) -> bool:
-    """Whether the Triton kernels (compiled or interpreted) handle this tensor."""
-    return t.device.type == "cuda" or (t.device.type == "cpu" and kernels.INTERPRETED)
 
 
 def _empty_stats(input: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 
 from .. import launch
-from ..progress import progress
 from . import Cache, Tuner, use_tuner
 from .shapes import DTYPES, LAYOUTS, SUITES, in_layout, layouts_for, select_shapes
 from .tuner import device_context
@@ -98,12 +97,16 @@ def main(argv=None) -> int:
         print("python -m tritonbn.autotune: pre-tuning needs a CUDA GPU (timings on the Triton "
               "interpreter mean nothing); --list and --dry-run work anywhere", file=sys.stderr)
         return 2
+    try:  # not a dependency of tritonbn: the CLI's progress bar only
+        from tqdm import tqdm
+    except ImportError:
+        print('python -m tritonbn.autotune needs tqdm: pip install tqdm (or tritonbn[autotune])', file=sys.stderr)
+        return 2
     tuner = Tuner(Cache(args.output, shipped=False), retune=args.retune)
-    with use_tuner(tuner):
-        for done, (op, shape, dtype, layout) in enumerate(work):
-            progress(done, len(work), f"{op} {'x'.join(map(str, shape))} {dtype} {layout}")
+    with use_tuner(tuner), tqdm(work, desc="pre-tuning", unit="problem") as bar:
+        for op, shape, dtype, layout in bar:
+            bar.set_postfix_str(f"{op} {'x'.join(map(str, shape))} {dtype} {layout}")
             pretune_one(op, shape, DTYPES[dtype], layout)
-    progress(len(work), len(work), "done")
     print(cache_table(tuner.cache, device_context("cuda", None)).to_string(index=False))
     print(f"entries stored in {tuner.cache.user_path}")
     return 0
