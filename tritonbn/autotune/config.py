@@ -20,10 +20,12 @@ REGIMES = ("resident", "split")
 # warps. Measured with python -m bench.traffic (sm_90, the launch's own
 # specialization): the forward's 16384 (a 7x7 channel at batch 256, a 14x14
 # one at batch 64) compile with 121-128 registers and no spill; the backward
-# holds x and dy: 8192 compile with 94-104 registers and no spill; 16384
-# with 128 and no spill for float16 / bfloat16, but spill in float32.
+# holds x and dy: 8192 channel-strided compile with 94-104 registers and no
+# spill (channel-inner, the fused epilogue's 16-bit variants spill 4-16
+# bytes there: 4096); 16384 spill in float32, and in the fused epilogue's
+# 16-bit variants (40-84 bytes at 16 or 32 warps).
 RESIDENT_LIMIT = {"forward": 16384, "backward": 8192, "inference": 0}
-RESIDENT_LIMIT_16BIT_BACKWARD = 16384
+RESIDENT_LIMIT_CHANNEL_INNER_BACKWARD = 4096
 # Elements per tile of a looping program, and the number of programs a split
 # grid aims for, per streaming multiprocessor: at the 4-8 programs of 4-8
 # warps an SM holds (bench.traffic's occupancy), about two waves or more.
@@ -193,8 +195,8 @@ def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
     sms = _sm_count(problem.device.type, problem.device.index)
     if allow_resident:
         limit = RESIDENT_LIMIT[problem.op]
-        if problem.op == "backward" and problem.dtype in (torch.float16, torch.bfloat16):
-            limit = RESIDENT_LIMIT_16BIT_BACKWARD
+        if problem.op == "backward" and problem.channel_inner:
+            limit = RESIDENT_LIMIT_CHANNEL_INNER_BACKWARD
         resident = _resident(problem, limit)
         # one program per channel block is enough when that fills the GPU,
         # or when the whole problem is small enough that launches dominate
