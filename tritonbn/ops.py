@@ -217,10 +217,13 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     transform, no tensor subclass. There the ops' Python implementations are
     called directly, skipping ~50 us of custom-op dispatch per call; anywhere
     else the registered ops run, so tracers see them."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and _get_current_dispatch_mode() is None
-            and not torch._C._are_functorch_transforms_active()
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors))
+    if (torch.compiler.is_compiling() or torch._C._is_tracing() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    for t in tensors:  # a loop, not all(genexpr): this runs on every call
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
 
 
 def mark_updated(*tensors: Tensor | None) -> None:
@@ -239,6 +242,27 @@ def _legacy_batched(t: Tensor) -> bool:
     gradcheck's check_batched_grad): a plain Tensor to type() and to functorch,
     but with no storage, so no kernel may read it."""
     return _is_legacy_batched(t)
+
+
+def _save(ctx, input, weight, bias, training: bool, eps: float, residual, relu: bool, output,
+          for_forward: bool) -> None:
+    """What the backward (and, for_forward, forward-mode AD) needs from a forward."""
+    y, save_mean, save_invstd = output
+    ctx.mark_non_differentiable(save_mean, save_invstd)
+    # After a fused ReLU the backward masks grad_out where y was not positive.
+    # In training without a residual the Triton kernels recompute that sign
+    # from x (read anyway), weight and bias with the forward's own arithmetic:
+    # bias is saved and y is not, so the backward reads no more than an
+    # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
+    # fallback path, whose rounding may differ) y is saved and read.
+    ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
+    saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
+             bias if ctx.relu_from_input else None)
+    ctx.save_for_backward(*saved)
+    if for_forward:
+        ctx.save_for_forward(*saved)
+    ctx.training, ctx.eps = training, eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -264,21 +288,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, *_, training, _, eps, residual, relu = inputs
-        y, save_mean, save_invstd = output
-        ctx.mark_non_differentiable(save_mean, save_invstd)
-        # After a fused ReLU the backward masks grad_out where y was not positive.
-        # In training without a residual the Triton kernels recompute that sign
-        # from x (read anyway), weight and bias with the forward's own arithmetic:
-        # bias is saved and y is not, so the backward reads no more than an
-        # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
-        # fallback path, whose rounding may differ) y is saved and read.
-        ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
-        saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
-                 bias if ctx.relu_from_input else None)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
-        ctx.training, ctx.eps = training, eps
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _save(ctx, input, weight, bias, training, eps, residual, relu, output, for_forward=True)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_invstd):
@@ -361,14 +371,25 @@ class PlannedBatchNormFunction(torch.autograd.Function):
                                      residual)
         if training:
             mark_updated(running_mean, running_var)
-        BatchNormFunction.setup_context(ctx, (input, weight, bias, running_mean, running_var,
-                                              num_batches_tracked, training, momentum, eps, residual, relu),
-                                        outputs)
+        _save(ctx, input, weight, bias, training, eps, residual, relu, outputs,
+              for_forward=forward_ad._current_level >= 0)
         return outputs
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_invstd):
-        return (*BatchNormFunction.backward(ctx, grad_out, grad_mean, grad_invstd), None)
+        if torch.is_grad_enabled() or not _plain_eager(grad_out) or _legacy_batched(grad_out):
+            return (*BatchNormFunction.backward(ctx, grad_out, grad_mean, grad_invstd), None)
+        # BatchNormFunction.backward's plain eager branch, for what a planned
+        # forward saved (plain tensors, non-empty, on the Triton kernels)
+        input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db, dr = launch.backward(grad_out, input, weight, save_mean, save_invstd, ctx.training,
+                                         (need[0], need[1], need[2]), ctx.bias_dtype, output=y,
+                                         residual_grad=need[9] and y is not None,
+                                         relu_from_input=ctx.relu_from_input, bias=bias)
+        if need[9] and y is None:  # without a ReLU the residual's gradient is grad_out itself
+            dr = grad_out
+        return dx, dw, db, None, None, None, None, None, None, dr, None, None
 
     jvp = EagerBatchNormFunction.jvp
 

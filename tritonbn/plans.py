@@ -404,15 +404,6 @@ def clear() -> None:
     _plans.clear()
 
 
-def _source(op: str):
-    """Where the config of `op` comes from: a forced config (override), else the
-    tuner in use (its identity: use_tuner swaps it). None: do not cache."""
-    forced = autotune.forced_configs()
-    if forced is not None and op in forced:
-        return None
-    return autotune.get_tuner()
-
-
 def forward_key(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
                 momentum, eps, residual, relu: bool) -> tuple:
     """The key of a forward call. Eval ignores momentum and num_batches_tracked,
@@ -449,6 +440,11 @@ def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool
 
 
 def with_source(op: str, key: tuple) -> tuple | None:
-    """key extended by the config's source, or None when the plan must not be cached."""
-    source = _source(op)
-    return None if source is None else (op, source, *key)
+    """key extended by where the config of `op` comes from -- the tuner in use
+    (its identity: use_tuner swaps it) -- or None when a config is forced with
+    override: such plans are not cached. Reads the autotune module's state
+    directly: this runs on every call."""
+    forced = autotune._forced.get()
+    if forced is not None and op in forced:
+        return None
+    return (op, autotune._tuner or autotune.get_tuner(), *key)
