@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import matplotlib_pyplot, read_csv
+from .common import matplotlib_pyplot, read_csv, save_figure
 
 COLUMNS = ("test_accuracy", "p15", "p50", "p85")
 
@@ -52,10 +52,7 @@ def plot(a: Path, b: Path, png: Path) -> None:
             ax.plot(*zip(*points), style, ms=4, fillstyle="none", label=f"{curve}: {rows[0]['backend']}")
     ax.set(xlabel="training step", ylabel="test accuracy", title=f"{a.name} vs {b.name} (same seed)")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png}")
+    save_figure(fig, png)
 
 
 def main(argv=None) -> dict[str, dict]:

@@ -156,11 +156,7 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     axes[0].legend(fontsize=8, loc="center right")
     fig.suptitle(f"small conv net, {rows[0]['data']}, SGD momentum 0.9, batch {rows[0]['batch_size']}; "
                  f"batch norm: {rows[0]['backend']} on {rows[0]['device']}", fontsize=9)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png_path}")
+    common.save_figure(fig, png_path)
     return True
 
 

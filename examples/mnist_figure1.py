@@ -140,11 +140,7 @@ def plot(csv_path: Path, png_path: Path) -> bool:
     first = rows[0]
     fig.suptitle(f"MLP 3x100 sigmoid, {first['data']}, SGD lr {first['lr']}, batch {first['batch_size']}; "
                  f"batch norm: {first['backend']} on {first['device']}", fontsize=9)
-    fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {png_path}")
+    common.save_figure(fig, png_path)
     return True
 
 
