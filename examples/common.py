@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -202,3 +204,29 @@ def save_figure(fig, path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def train_loop(model: nn.Module, opt: torch.optim.Optimizer, stream, steps: int, eval_every: int, evaluate,
+               fixed: dict, desc: str, no_progress: bool, device: torch.device) -> list[dict]:
+    """`steps` steps of cross-entropy SGD on batches from `stream`; every
+    eval_every steps and at the end, a row: fixed, the step, the mean training
+    loss since the last row, and what evaluate(model) returns (with
+    test_accuracy)."""
+    rows, loss_sum, losses = [], torch.zeros((), device=device), 0
+    with progress(steps, desc, no_progress) as bar:
+        for step in range(steps + 1):
+            if step % eval_every == 0 or step == steps:
+                train_loss = (loss_sum / losses).item() if losses else math.nan
+                rows.append({**fixed, "step": step, "train_loss": train_loss, **evaluate(model)})
+                loss_sum, losses = torch.zeros((), device=device), 0
+                bar.set_postfix(acc=f"{rows[-1]['test_accuracy']:.3f}")
+            if step == steps:
+                break
+            x, y = next(stream)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum, losses = loss_sum + loss.detach(), losses + 1
+            bar.update()
+    return rows

@@ -30,7 +30,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import common
@@ -94,28 +93,16 @@ def train(variant: str, args: argparse.Namespace, data) -> list[dict]:
     fixed = {"experiment": "inception_variants", "data": args.data_name, "variant": variant,
              "batch_norm": use_bn, "activation": activation, "lr": lr, "backend": args.backend,
              "device": common.device_name(args.device), "seed": args.seed, "batch_size": args.batch_size}
-    rows, loss_sum, losses = [], torch.zeros((), device=args.device), 0
-    with common.progress(args.steps, f"{variant} ({args.backend})", args.no_progress) as bar:
-        for step in range(args.steps + 1):
-            if step % args.eval_every == 0 or step == args.steps:
-                model.eval()
-                with torch.no_grad():
-                    acc = common.accuracy(model(x_test), y_test)
-                model.train()
-                train_loss = (loss_sum / losses).item() if losses else math.nan
-                rows.append({**fixed, "step": step, "train_loss": train_loss, "test_accuracy": acc})
-                loss_sum, losses = torch.zeros((), device=args.device), 0
-                bar.set_postfix(acc=f"{acc:.3f}")
-            if step == args.steps:
-                break
-            x, y = next(stream)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum, losses = loss_sum + loss.detach(), losses + 1
-            bar.update()
-    return rows
+
+    def evaluate(m: nn.Module) -> dict:
+        m.eval()
+        with torch.no_grad():
+            acc = common.accuracy(m(x_test), y_test)
+        m.train()
+        return {"test_accuracy": acc}
+
+    return common.train_loop(model, opt, stream, args.steps, args.eval_every, evaluate, fixed,
+                             f"{variant} ({args.backend})", args.no_progress, args.device)
 
 
 def steps_table(rows: list[dict]) -> str:

@@ -18,11 +18,9 @@ Writes examples/results/<stem>.csv (one row per net and evaluation) and
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import common
@@ -90,25 +88,9 @@ def train(net: str, args: argparse.Namespace, data) -> list[dict]:
     fixed = {"experiment": "mnist_figure1", "data": args.data_name, "net": net, "backend": args.backend,
              "device": common.device_name(args.device), "seed": args.seed, "lr": args.lr,
              "batch_size": args.batch_size, "init_std": args.init_std, "unit": args.unit}
-    rows, loss_sum, losses = [], torch.zeros((), device=args.device), 0
-    with common.progress(args.steps, f"{net} ({args.backend})", args.no_progress) as bar:
-        for step in range(args.steps + 1):
-            if step % args.eval_every == 0 or step == args.steps:
-                train_loss = (loss_sum / losses).item() if losses else math.nan
-                rows.append({**fixed, "step": step, "train_loss": train_loss,
-                             **evaluate(model, x_test, y_test, args.unit)})
-                loss_sum, losses = torch.zeros((), device=args.device), 0
-                bar.set_postfix(acc=f"{rows[-1]['test_accuracy']:.3f}")
-            if step == args.steps:
-                break
-            x, y = next(stream)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum, losses = loss_sum + loss.detach(), losses + 1
-            bar.update()
-    return rows
+    return common.train_loop(model, opt, stream, args.steps, args.eval_every,
+                             lambda m: evaluate(m, x_test, y_test, args.unit), fixed,
+                             f"{net} ({args.backend})", args.no_progress, args.device)
 
 
 def plot(csv_path: Path, png_path: Path) -> bool:
