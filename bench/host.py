@@ -110,14 +110,6 @@ def cases(device: str) -> dict[str, tuple[Callable, Callable]]:
         module = cls(C, device=device)
         return lambda: module(x)
 
-    def fused_relu(bn_relu):
-        running = fresh_running()
-
-        def call():
-            with torch.no_grad():
-                return bn_relu(x, *running, weight, bias, True, 0.1, 1e-5)
-        return call
-
     def torch_bn_relu(*args):
         return F.relu(F.batch_norm(*args))
 
@@ -130,8 +122,8 @@ def cases(device: str) -> dict[str, tuple[Callable, Callable]]:
         "backward alone": (backward_alone(tritonbn.batch_norm), backward_alone(F.batch_norm)),
         "BatchNorm2d module forward": (module_forward(tritonbn.BatchNorm2d),
                                        module_forward(torch.nn.BatchNorm2d)),
-        "batch_norm_relu training forward, no_grad": (fused_relu(tritonbn.batch_norm_relu),
-                                                      fused_relu(torch_bn_relu)),
+        "batch_norm_relu training forward, no_grad": (training_no_grad(tritonbn.batch_norm_relu),
+                                                      training_no_grad(torch_bn_relu)),
     }
 
 

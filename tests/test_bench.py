@@ -85,3 +85,20 @@ def test_wrong_result_is_flagged_and_not_timed(tmp_path, monkeypatch):
     assert not ours.correct.any() and ours.median_ms.isna().all()
     assert (ours.note == "wrong result: not timed").all()
     assert df[df.provider == "eager"].correct.all()
+
+
+def test_host_time_rows(tmp_path):
+    """python -m bench --host: one row per call with both sides timed, in a
+    CSV of its own; the kernels it stubs out without a GPU are put back."""
+    from bench import host
+    from tritonbn import kernels
+    before = {name: getattr(kernels, name) for name in dir(kernels) if name.startswith("bn_")}
+    df = runner.run(["--host", "--out", str(tmp_path)])
+    (csv,) = tmp_path.glob("*-host.csv")
+    saved = pd.read_csv(csv)
+    assert list(saved.call) == list(host.cases("cpu"))
+    assert (saved.tritonbn_us > 0).all() and (saved.torch_us > 0).all()
+    assert (saved.ratio - saved.tritonbn_us / saved.torch_us).abs().max() < 1e-9
+    assert saved.launches.iloc[0] == ("real" if torch.cuda.is_available() else "stubbed (interpreter)")
+    assert len(df) == len(saved)
+    assert {name: getattr(kernels, name) for name in before} == before
