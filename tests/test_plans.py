@@ -192,3 +192,20 @@ def test_the_op_checks_what_the_functional_checks(device, built):
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             tritonbn.batch_norm(x, None, None, training=True)
     assert built["forward"] == 0
+
+
+def test_vector_width_promises_only_what_the_data_allows():
+    """VEC values along S load at once only where S, the N and C strides and
+    every tensor's start allow it; otherwise narrower, down to 1."""
+    def vec(t, *others):
+        _, view, _ = plans.canonical(t)
+        return plans.vector_width(view, t, *others)
+    fp32 = torch.empty(2, 3, 14, 14, device="meta")
+    assert vec(fp32) == 4                                    # 16 bytes
+    assert vec(fp32.to(torch.bfloat16)) == 4                 # 196 % 8 != 0: 8 bytes
+    assert vec(torch.empty(2, 3, 7, 7, device="meta")) == 1  # rows of 49
+    assert vec(fp32[:, :, 1:]) == 1                          # starts 56 bytes in
+    assert vec(fp32[:, 1:]) == 4                             # starts 784 bytes in: aligned
+    assert vec(fp32, fp32[:, :, 1:]) == 1                    # every tensor must allow it
+    assert vec(fp32.to(memory_format=torch.channels_last)) == 1
+    assert vec(torch.empty(2, 3, 8, device="meta", dtype=torch.float64)) == 2

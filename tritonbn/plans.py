@@ -200,8 +200,9 @@ def vector_width(view: View, *tensors: torch.Tensor | None) -> int:
 
 
 def _runs_aligned(t: torch.Tensor, vec: int) -> bool:
-    return (t.data_ptr() % 16 == 0 and (t.shape[0] == 1 or t.stride(0) % vec == 0)
-            and (t.shape[1] == 1 or t.stride(1) % vec == 0))
+    # size-1 dims too: the kernels compute (masked) offsets for lanes past them,
+    # and the hint must hold for every offset it covers
+    return t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0 and t.stride(1) % vec == 0
 
 
 def meta(view: View, cfg: LaunchConfig, x: torch.Tensor, *tensors: torch.Tensor | None) -> dict:
