@@ -416,7 +416,7 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
 def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
     """(op, shape, dtype, channels_last, config) for the heuristic's GPU config
     (and, with_candidates, the whole tuning space) of each problem."""
-    from tritonbn import launch
+    from tritonbn import plans
     from tritonbn.autotune import Problem, candidates, config, heuristic
     config._sm_count = lambda *args: sms  # what the heuristic would see on that GPU
     config._warp_size = lambda *args: 32
@@ -425,7 +425,7 @@ def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
         for dtype in dtypes:
             for layout in layouts_for(shape, layouts):
                 x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
-                _, view, _ = launch.plan(x)
+                _, view, _ = plans.canonical(x)
                 for op in ops:
                     # the fused epilogue launches with the forward's and the backward's configs
                     for launched in (("fused_forward", "fused_backward") if op == "fused" else (op,)):

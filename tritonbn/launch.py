@@ -32,12 +32,10 @@ import torch
 from . import kernels, plans
 from .autotune import LaunchConfig, choose_config
 from .autotune.config import heuristic, next_power_of_2
-from .plans import BackwardPlan, ForwardPlan, View, acc_dtype, conform, dense, hi_lo, output_format
+from .plans import BackwardPlan, ForwardPlan, View, acc_dtype, conform, dense, output_format
 
-__all__ = ["acc_dtype", "backward", "forward_inference", "forward_training", "output_format", "plan",
+__all__ = ["acc_dtype", "backward", "forward_inference", "forward_training", "output_format",
            "run_backward", "run_forward"]
-
-plan = plans.canonical  # the canonical view of an input (the tools and tests call it launch.plan)
 
 
 def _cacheable(x: torch.Tensor, key: tuple | None, *pairs) -> bool:
