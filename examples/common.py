@@ -19,6 +19,7 @@ import csv
 import gzip
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,10 @@ def configure(args: argparse.Namespace, script: str) -> None:
               "PyTorch's own batch_norm unless TRITON_INTERPRET=1 is set before tritonbn is "
               "imported; pass --interpret to run the Triton kernels through the interpreter "
               "(about 0.25 s per MLP step, so use e.g. --steps 1000).")
+        import tritonbn  # imported by backend_name already
+
+        # said just above; tritonbn's own warning would repeat it at the first step
+        warnings.filterwarnings("ignore", category=tritonbn.FallbackWarning)
 
 
 def backend_name(bn: str, device: torch.device) -> str:
@@ -95,6 +100,14 @@ def batch_norm_class(bn: str, dims: int) -> type[nn.Module]:
 
 
 # ----------------------------------------------------------------------------- data
+
+def load_args_data(args: argparse.Namespace):
+    """load_data for the scripts' --data / --seed; sets args.data_name and says what was loaded."""
+    data = load_data(args.data, args.seed)
+    args.data_name = "MNIST" if args.data else "digits 8x8"
+    print(f"data: {args.data_name}, {len(data[1])} train / {len(data[3])} test images")
+    return data
+
 
 def load_data(data_dir: Path | None, seed: int = 0, test_fraction: float = 0.2):
     """(x_train, y_train, x_test, y_test, side): float32 images in [0, 1] of shape

@@ -161,9 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     common.configure(args, "inception_variants")
-    data = common.load_data(args.data, args.seed)
-    args.data_name = "MNIST" if args.data else "digits 8x8"
-    print(f"data: {args.data_name}, {len(data[1])} train / {len(data[3])} test images")
+    data = common.load_args_data(args)
     rows = [row for variant in args.variants for row in train(variant, args, data)]
     csv_path = args.out / f"{args.stem}.csv"
     common.write_csv(rows, csv_path)

@@ -141,9 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     common.configure(args, "mnist_figure1")
-    data = common.load_data(args.data, args.seed)
-    args.data_name = "MNIST" if args.data else "digits 8x8"
-    print(f"data: {args.data_name}, {len(data[1])} train / {len(data[3])} test images")
+    data = common.load_args_data(args)
     rows = [row for net in args.nets for row in train(net, args, data)]
     for net in args.nets:
         last = [r for r in rows if r["net"] == net][-1]
