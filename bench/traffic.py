@@ -52,12 +52,12 @@ from typing import NamedTuple
 import torch
 
 from bench.kernel_report import Launch, Variant, bind, compile_variant, progress_bar, recording
+from tritonbn.autotune.config import FIT_BYTES  # a channel's slab the single-read regimes hold
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, RESNET50_BATCHES, in_layout, select_shapes
 
 ARCH = 90
 H100_SMS = 132
 BANDWIDTH = {"h100": 3.35e12, "h200": 4.8e12}  # bytes / s, HBM3 and HBM3e
-FIT_BYTES = 192 * 1024  # a channel's slab that one program (or cluster) can hold on chip
 # sm_90 per-SM limits for occupancy
 SM90 = dict(registers=65536, threads=2048, shared=228 * 1024, blocks=32, reserved_shared=1024,
             register_granule=256)
@@ -97,6 +97,12 @@ def _running_stats(when: str) -> tuple[Access, ...]:
 
 
 _LOOP = "COMPUTE_DX or STORE_DRESIDUAL"
+_SUMS = "TRAINING or STORE_DWEIGHT or STORE_DBIAS"
+
+
+def _per_coop_program(arg: str, when: str = "True") -> tuple[Access, ...]:
+    """A [C] vector a cooperative kernel's every program reads for each of its channel blocks."""
+    return (Access(arg, READ, "C * GROUP", when),)
 MODEL: dict[str, tuple[Access, ...]] = {
     "bn_fwd_stats_kernel": (
         Access("X", READ, VIEW),
@@ -112,6 +118,23 @@ MODEL: dict[str, tuple[Access, ...]] = {
         *_running_stats("True"),
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
         Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
+    ),
+    # grid (GROUP, groups); every program takes each of its group's channel
+    # blocks in turn. PHASE 0 (GPU) reads x once; under the interpreter PHASE 1
+    # and 2 each read it. The last program of a block to arrive merges GROUP
+    # partials; the others read the statistics it wrote. Flags are touched by
+    # atomics only, which are not loads or stores here.
+    "bn_fwd_coop_kernel": (
+        Access("X", READ, VIEW),
+        Access("Partials", WRITE, "3 * GROUP * C", "PHASE != 2"),
+        Access("Partials", READ, "3 * GROUP * C", "PHASE != 2"),
+        *_running_stats("PHASE != 2")[:-1],
+        Access("NumBatchesTracked", READ, "cdiv(C, BLOCK_C)", "PHASE != 2 and UPDATE_RUNNING and CUMULATIVE_AVERAGE"),
+        *_per_coop_program("SaveMean", "PHASE != 1"), *_per_coop_program("SaveInvstd", "PHASE != 1"),
+        *_per_coop_program("Weight", "PHASE != 1 and HAS_WEIGHT"),
+        *_per_coop_program("Bias", "PHASE != 1 and HAS_BIAS"),
+        Access("R", READ, VIEW, "PHASE != 1 and HAS_RESIDUAL"), Access("Y", WRITE, VIEW, "PHASE != 1"),
+        Access("Flags", READ, "0"),
     ),
     "bn_fwd_merge_kernel": (
         Access("Partials", READ, "3 * num_splits * C"),
@@ -145,6 +168,23 @@ MODEL: dict[str, tuple[Access, ...]] = {
         Access("DR", WRITE, VIEW, "STORE_DRESIDUAL"),
         Access("X", READ, VIEW, "COMPUTE_DX and TRAINING"), Access("DX", WRITE, VIEW, "COMPUTE_DX"),
     ),
+    # as bn_fwd_coop_kernel; the last program of a block sums GROUP partials
+    # and writes the totals the others read for dx
+    "bn_bwd_coop_kernel": (
+        *_per_coop_program("Mean"), *_per_coop_program("Invstd"),
+        *_per_coop_program("Weight", "HAS_WEIGHT"), *_per_coop_program("Bias", "HAS_BIAS"),
+        Access("X", READ, VIEW, f"{_SUMS} or RELU_FROM_X"), Access("DY", READ, VIEW),
+        Access("Y", READ, VIEW, "RELU"),
+        Access("Partials", WRITE, "2 * GROUP * C", f"({_SUMS}) and PHASE != 2"),
+        Access("Partials", READ, "2 * GROUP * C", f"({_SUMS}) and PHASE != 2"),
+        Access("DWeight", WRITE, "C", "STORE_DWEIGHT and PHASE != 2"),
+        Access("DBias", WRITE, "C", "STORE_DBIAS and PHASE != 2"),
+        Access("Totals", WRITE, "2 * C", f"({_SUMS}) and PHASE != 2"),
+        Access("Totals", READ, "2 * C * GROUP", "TRAINING and COMPUTE_DX and PHASE != 1"),
+        Access("DR", WRITE, VIEW, "STORE_DRESIDUAL and PHASE != 1"),
+        Access("DX", WRITE, VIEW, "COMPUTE_DX and PHASE != 1"),
+        Access("Flags", READ, "0"),
+    ),
     "bn_bwd_resident_kernel": (
         *_per_channel("Mean"), *_per_channel("Invstd"),
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
@@ -157,7 +197,7 @@ MODEL: dict[str, tuple[Access, ...]] = {
 
 # what a pointer holds, for the per-role byte columns (anything else: params)
 ROLES = {"X": "x", "Y": "y", "R": "residual", "DY": "dy", "DX": "dx", "DR": "dresidual",
-         "Partials": "partials", "Merged": "partials", "Sums": "partials"}
+         "Partials": "partials", "Merged": "partials", "Sums": "partials", "Totals": "partials"}
 ROLE_COLUMNS = ("x", "y", "residual", "dy", "dx", "dresidual", "partials", "params")
 
 
@@ -185,7 +225,8 @@ def launch_bytes(launch: Launch) -> dict[tuple[str, str], int]:
     if undeclared:
         raise KeyError(f"{name}: pointer arguments {sorted(undeclared)} have no entry in bench.traffic.MODEL")
     grid = grid_of(launch, bound)
-    scope = dict(bound, blocks=grid[0], splits=grid[1] * grid[2], programs=math.prod(grid))
+    scope = dict(bound, blocks=grid[0], splits=grid[1] * grid[2], programs=math.prod(grid),
+                 cdiv=lambda a, b: -(-a // b))
     if {"N", "C", "S"} <= bound.keys():
         scope["numel"] = bound["N"] * bound["C"] * bound["S"]
     out: dict[tuple[str, str], int] = {}
@@ -427,8 +468,8 @@ def _misses(row: dict, x: torch.Tensor, compiled: bool) -> list[str]:
         misses.append("spills")
     if aligned and (row["min_load_bytes"] or 0) < 8:
         misses.append("loads")
-    if row["waves"] is not None and row["waves"] < 2:
-        misses.append("waves")
+    if row["waves"] is not None and row["waves"] < 2 and row["regime"] != "cooperative":
+        misses.append("waves")  # a cooperative grid is persistent: one program per SM by design
     if row["error"]:
         misses.append("compile")
     return misses

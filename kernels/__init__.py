@@ -3,9 +3,11 @@
 Only @triton.jit code lives here: no torch.nn, no autograd, no launch logic.
 ``tritonbn.launch`` picks the views, blocks and grids and calls these.
 """
-from .backward import bn_bwd_dx_kernel, bn_bwd_reduce_kernel, bn_bwd_resident_kernel, bn_bwd_sums_kernel
+from .backward import (
+    bn_bwd_coop_kernel, bn_bwd_dx_kernel, bn_bwd_reduce_kernel, bn_bwd_resident_kernel, bn_bwd_sums_kernel,
+)
 from .forward import (
-    bn_fwd_merge_kernel, bn_fwd_normalize_kernel, bn_fwd_resident_kernel, bn_fwd_stats_kernel,
+    bn_fwd_coop_kernel, bn_fwd_merge_kernel, bn_fwd_normalize_kernel, bn_fwd_resident_kernel, bn_fwd_stats_kernel,
 )
 from .inference import bn_inference_kernel
 
@@ -20,10 +22,12 @@ except ImportError:  # pragma: no cover - layout of older/newer triton
 
 __all__ = [
     "INTERPRETED",
+    "bn_bwd_coop_kernel",
     "bn_bwd_dx_kernel",
     "bn_bwd_reduce_kernel",
     "bn_bwd_resident_kernel",
     "bn_bwd_sums_kernel",
+    "bn_fwd_coop_kernel",
     "bn_fwd_merge_kernel",
     "bn_fwd_normalize_kernel",
     "bn_fwd_resident_kernel",

@@ -27,11 +27,17 @@ split     ``bn_bwd_sums_kernel``, grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S),
           and the totals dx needs; ``bn_bwd_dx_kernel``, the sums kernel's
           grid, writes dx for each program's share. 4 reads, 1 write. Eval
           mode without weight/bias gradients skips the sums entirely.
+cooperative  ``bn_bwd_coop_kernel``, grid (GROUP, groups): a channel block's
+          x and dy held by GROUP programs that exchange partial sums, as
+          forward.bn_fwd_coop_kernel does (PHASE 0 on a GPU; 1 then 2 under
+          the interpreter). 2 reads, 1 write, 1 launch.
 """
 import triton
 import triton.language as tl
 
-from .common import affine, load_channel, load_grad, relu_mask_from_x, split_range, tile_offsets
+from .common import (
+    affine, arrive, load_channel, load_grad, raise_flag, relu_mask_from_x, split_range, tile_offsets, wait_flag,
+)
 
 
 @triton.jit
@@ -89,6 +95,25 @@ def bn_bwd_sums_kernel(
 
 
 @triton.jit
+def sum_partials(Partials, num_splits, C, cols, cmask,
+                 SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
+    """(sum g, sum g * xhat) [BLOCK_C] over the [2, P, C] partials of channels
+    `cols`, SPLIT_BLOCK rows at a time in a fixed order. CACHE: the loads'
+    cache modifier (".cg" for partials other programs of this launch wrote)."""
+    p = tl.arange(0, SPLIT_BLOCK)
+    sum_g = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    sum_g_xhat = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
+    for p0 in range(0, num_splits, SPLIT_BLOCK):
+        rows = p0 + p
+        offs = rows[:, None] * C + cols[None, :]
+        mask = (rows < num_splits)[:, None] & cmask[None, :]
+        sum_g += tl.sum(tl.load(Partials + offs, mask=mask, other=0.0, cache_modifier=CACHE), 0)
+        sum_g_xhat += tl.sum(tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0,
+                                     cache_modifier=CACHE), 0)
+    return sum_g, sum_g_xhat
+
+
+@triton.jit
 def bn_bwd_reduce_kernel(
     Partials,           # [2, P, C] from bn_bwd_sums_kernel; row 0 receives the totals (STORE_SUMS)
     DWeight, DBias,     # [C] outputs, or dummies
@@ -102,15 +127,7 @@ def bn_bwd_reduce_kernel(
     only its own channels, after reading them)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    p = tl.arange(0, SPLIT_BLOCK)
-    sum_g = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
-    sum_g_xhat = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
-    for p0 in range(0, num_splits, SPLIT_BLOCK):
-        rows = p0 + p
-        offs = rows[:, None] * C + cols[None, :]
-        mask = (rows < num_splits)[:, None] & cmask[None, :]
-        sum_g += tl.sum(tl.load(Partials + offs, mask=mask, other=0.0), 0)
-        sum_g_xhat += tl.sum(tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0), 0)
+    sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, "")
     if STORE_DWEIGHT:
         tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
     if STORE_DBIAS:
@@ -239,3 +256,82 @@ def bn_bwd_resident_kernel(
         else:
             dx = g * scale[None, :, None]
         tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_bwd_coop_kernel(
+    X, DY, DX, Y, DR, Weight, Bias, Mean, Invstd, DWeight, DBias,  # as in bn_bwd_resident_kernel
+    Partials,           # [2, GROUP, C] sum g, sum g * xhat of each program's share of a channel
+    Totals,             # [2, C] their sums, written by each channel block's last program
+    Flags,              # [2, cdiv(C, BLOCK_C)] int32 zeros: arrivals, then "summed", per channel block
+    N, C, S,
+    s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    stride_dxn, stride_dxc, stride_dxs,
+    stride_yn, stride_yc, stride_ys,
+    count,              # m = N * S, as a float
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
+    STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
+    RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    GROUP: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Program (member, group) holds tile (member // s_parts, member % s_parts)
+    of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
+    partial sums and their total only; 2: the elementwise gradients only.
+    Without sums to take (eval mode, no dweight / dbias) it only runs PHASE 0."""
+    HAS_SUMS: tl.constexpr = TRAINING or STORE_DWEIGHT or STORE_DBIAS
+    member = tl.program_id(0)
+    num_blocks = tl.cdiv(C, BLOCK_C)
+    n0 = member // s_parts * BLOCK_N
+    s0 = member % s_parts * BLOCK_S
+    for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
+        cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                  BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+        g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                      stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+        mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
+        invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+        scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+        if HAS_SUMS or RELU_FROM_X:
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            if RELU_FROM_X:
+                g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
+                                              X.dtype.element_ty), g, 0.0)
+            xmu = tl.where(mask, x - mean[None, :, None], 0.0)
+        if HAS_SUMS and PHASE != 2:
+            base = member * C + cols
+            tl.store(Partials + base, tl.sum(tl.sum(g, 2), 0), mask=cmask)
+            tl.store(Partials + GROUP * C + base, tl.sum(tl.sum(g * xmu, 2), 0) * invstd, mask=cmask)
+            if arrive(Flags + block) == GROUP - 1:
+                sum_g, sum_g_xhat = sum_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
+                if STORE_DWEIGHT:
+                    tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
+                if STORE_DBIAS:
+                    tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
+                tl.store(Totals + cols, sum_g, mask=cmask)
+                tl.store(Totals + C + cols, sum_g_xhat, mask=cmask)
+                raise_flag(Flags + num_blocks + block)
+        if HAS_SUMS and PHASE == 0:
+            wait_flag(Flags + num_blocks + block)
+        if PHASE != 1:
+            dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+            if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
+                tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
+            if COMPUTE_DX:
+                if TRAINING:
+                    # as bn_bwd_dx_kernel: dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
+                    inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
+                    sum_g = tl.load(Totals + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                    sum_g_xhat = tl.load(Totals + C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                    g_shift = (sum_g * inv_count)[None, :, None]
+                    xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+                    dx = scale[None, :, None] * (g - g_shift) - xmu * xmu_coef
+                else:
+                    dx = scale[None, :, None] * g
+                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)

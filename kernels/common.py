@@ -205,3 +205,40 @@ def store_channel_stats(
         running_var = (1.0 - momentum) * running_var + momentum * unbiased_var
         tl.store(RunningMean + cols, running_mean.to(RunningMean.dtype.element_ty), mask=smask)
         tl.store(RunningVar + cols, running_var.to(RunningVar.dtype.element_ty), mask=smask)
+
+
+# ---------------------------------------------------------------- cooperative groups
+# The cooperative regime (forward.bn_fwd_coop_kernel, backward.bn_bwd_coop_kernel)
+# spreads one channel block's slab over GROUP programs that each hold their
+# share in registers. Each stores its partial statistics, then arrives at the
+# channel block's counter; the last to arrive merges the partials in a fixed
+# order, writes the block's statistics and raises its flag; the others wait
+# for the flag and read those statistics. All programs of the grid are
+# co-resident (the launcher keeps the grid within one program per SM), so a
+# wait always ends. Data written by other programs is read with ``.cg``
+# (from L2, never a stale L1 line).
+
+@triton.jit
+def arrive(Arrived):
+    """Count this program in at a channel block's counter, after all its threads'
+    stores (bar.sync, then one release-acquire atomic). Returns how many had
+    arrived before: GROUP - 1 for the last, which then sees every other
+    program's stores."""
+    tl.debug_barrier()
+    return tl.atomic_add(Arrived, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def raise_flag(Done):
+    """Publish the merged statistics: every thread's stores, then the flag."""
+    tl.debug_barrier()
+    tl.atomic_xchg(Done, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_flag(Done):
+    """Spin until raise_flag(Done) (acquire), then let every thread go on."""
+    seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+    while seen == 0:
+        seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()

@@ -9,6 +9,14 @@ resident  grid (cdiv(C, BLOCK_C),). A program holds its channels' m values in
           registers (BLOCK_N >= N, BLOCK_S >= S): exact two-pass mean and
           variance on-chip, normalize, write. 1 read, 1 write, 1 launch.
           Limit: the whole channel block must fit one tile.
+cooperative  ``bn_fwd_coop_kernel``, grid (GROUP, groups): a channel block's
+          slab held by GROUP programs, BLOCK_N images each (BLOCK_S >= S),
+          that exchange Welford partials (common.arrive / wait_flag); a
+          persistent grid of at most one program per SM, each group taking
+          channel blocks in turn. 1 read, 1 write, 1 launch. Under the
+          interpreter (programs run one after another) the launcher runs it
+          in two launches, PHASE 1 (partials, merge) then PHASE 2 (normalize,
+          reading x again); on a GPU PHASE 0 does both with x kept on chip.
 split     3 launches. ``bn_fwd_stats_kernel``, grid (cdiv(C, BLOCK_C),
           SPLIT_N, SPLIT_S): one Welford partial (count, mean, m2) per
           (split, channel) in the accumulation dtype. ``bn_fwd_merge_kernel``,
@@ -30,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    affine, combine_double, epilogue, load_channel, split_range, store_channel_stats, tile_offsets,
-    welford_combine, welford_merge,
+    affine, arrive, combine_double, epilogue, load_channel, raise_flag, split_range, store_channel_stats,
+    tile_offsets, wait_flag, welford_combine, welford_merge,
 )
 
 
@@ -119,9 +127,10 @@ def bn_fwd_stats_kernel(
 
 @triton.jit
 def merge_partials(Partials, num_splits, C, cols, cmask,
-                   SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+                   SPLIT_BLOCK: tl.constexpr, BLOCK_C: tl.constexpr, CACHE: tl.constexpr):
     """Merge the [3, P, C] Welford partials of channels `cols`, SPLIT_BLOCK at a time,
-    always in the same order."""
+    always in the same order. CACHE: the loads' cache modifier (".cg" for
+    partials other programs of the same launch wrote)."""
     p = tl.arange(0, SPLIT_BLOCK)
     count = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
     mean = tl.zeros([BLOCK_C], Partials.dtype.element_ty)
@@ -130,9 +139,9 @@ def merge_partials(Partials, num_splits, C, cols, cmask,
         rows = p0 + p
         offs = rows[:, None] * C + cols[None, :]
         mask = (rows < num_splits)[:, None] & cmask[None, :]
-        part_count = tl.load(Partials + offs, mask=mask, other=0.0)
-        part_mean = tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(Partials + 2 * num_splits * C + offs, mask=mask, other=0.0)
+        part_count = tl.load(Partials + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+        part_mean = tl.load(Partials + num_splits * C + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+        part_m2 = tl.load(Partials + 2 * num_splits * C + offs, mask=mask, other=0.0, cache_modifier=CACHE)
         chunk_count, chunk_mean, chunk_m2 = welford_merge(part_count, part_mean, part_m2, 0)
         count, mean, m2 = welford_combine(count, mean, m2, chunk_count, chunk_mean, chunk_m2)
     return count, mean, m2
@@ -245,7 +254,7 @@ def bn_fwd_merge_kernel(
     all-gather."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C)
+    count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, "")
     if STORE_MERGED:
         tl.store(Merged + cols, count, mask=cmask)
         tl.store(Merged + C + cols, mean, mask=cmask)
@@ -256,3 +265,68 @@ def bn_fwd_merge_kernel(
         store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
                             cols, cmask, mean, var, invstd, count,
                             momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
+
+
+@triton.jit
+def bn_fwd_coop_kernel(
+    X, Y, R, Weight, Bias,      # as in bn_fwd_resident_kernel
+    RunningMean, RunningVar, NumBatchesTracked,
+    SaveMean, SaveInvstd,       # [C] written by each channel block's last program, read by the others
+    Partials,           # [3, GROUP, C] count, mean, m2 of each program's share of a channel
+    Flags,              # [2, cdiv(C, BLOCK_C)] int32 zeros: arrivals, then "merged", per channel block
+    N, C, S,
+    s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    GROUP: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Program (member, group) holds tile (member // s_parts, member % s_parts)
+    of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
+    partials and the merge only; 2: the normalization only."""
+    member = tl.program_id(0)
+    num_blocks = tl.cdiv(C, BLOCK_C)
+    n0 = member // s_parts * BLOCK_N
+    s0 = member % s_parts * BLOCK_S
+    for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
+        cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < C
+        offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                  BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if PHASE != 2:
+            # this share's exact two-pass statistics
+            count = tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0)
+            share_mean = tl.sum(tl.sum(x, 2), 0) / tl.maximum(count, 1.0)
+            xmu = tl.where(mask, x - share_mean[None, :, None], 0.0)
+            base = member * C + cols
+            tl.store(Partials + base, count, mask=cmask)
+            tl.store(Partials + GROUP * C + base, share_mean, mask=cmask)
+            tl.store(Partials + 2 * GROUP * C + base, tl.sum(tl.sum(xmu * xmu, 2), 0), mask=cmask)
+            if arrive(Flags + block) == GROUP - 1:
+                total, mean, m2 = merge_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
+                var = m2 / tl.maximum(total, 1.0)
+                invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+                store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                                    cols, cmask, mean, var, invstd, total,
+                                    momentum_hi, momentum_lo, UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
+                raise_flag(Flags + num_blocks + block)
+        if PHASE == 0:
+            wait_flag(Flags + num_blocks + block)
+        if PHASE != 1:
+            mean = tl.load(SaveMean + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            invstd = tl.load(SaveInvstd + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+            # one fma, as in bn_fwd_normalize_kernel: the backward's recomputed ReLU mask relies on it
+            y = tl.fma(x - mean[None, :, None], scale[None, :, None], bias[None, :, None])
+            y = epilogue(y, R, n0, s0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
+                         HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+            y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)

@@ -116,6 +116,15 @@ def resident(x: torch.Tensor, block_c: int = 1) -> LaunchConfig:
                         triton.next_power_of_2(spatial))
 
 
+def cooperative(x: torch.Tensor, block_n: int = 2, block_c: int = 2, block_s: int = 8) -> LaunchConfig:
+    """A cooperative config over x: each channel block's [N, S] plane in tiles of
+    block_n x block_s, one program each (several along N and, where S >
+    block_s, along S; masked tails on both)."""
+    spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)
+    return LaunchConfig("cooperative", block_n, block_c, block_s,
+                        split_n=-(-x.shape[0] // block_n), split_s=-(-spatial // block_s))
+
+
 def split(block_n=2, block_c=1, block_s=2, split_n=2, split_s=2) -> LaunchConfig:
     """A looping config with small tiles and several splits, so masks, loops and
     the partial merge are all exercised on small inputs."""

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import tritonbn
 from tritonbn import launch, plans
 from tritonbn.autotune import override
-from reference import (assert_matches_reference, reference_batch_norm, reference_grads,
+from reference import (assert_matches_reference, cooperative, reference_batch_norm, reference_grads,
                        resident, split)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -109,24 +109,25 @@ def test_weight_without_bias_and_bias_without_weight(device):
 
 
 # Ragged sizes: primes, one channel, spatial size 1, batch larger than a block,
-# each through the resident kernel and through the split kernels with tiny
-# tiles (masked tails on every axis, several splits along N and S).
+# each through the resident kernel, through the split kernels with tiny tiles
+# (masked tails on every axis, several splits along N and S) and through the
+# cooperative kernels (a channel block over several programs along N and S).
 RAGGED = [(7, 1, 13), (13, 5, 1, 1), (11, 3, 3, 5), (2, 7, 17), (37, 2), (3, 2, 1, 5, 7)]
 
 
 @pytest.mark.parametrize("shape", RAGGED)
-@pytest.mark.parametrize("regime", ["resident", "split"])
+@pytest.mark.parametrize("regime", ["resident", "split", "cooperative"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_ragged_shapes_in_both_regimes(device, shape, regime, channels_last):
+def test_ragged_shapes_in_every_regime(device, shape, regime, channels_last):
     x = torch.randn(shape, device=device)
     if channels_last:
         x = _channels_last(x)
-    config = resident(x) if regime == "resident" else split(block_n=4, block_c=2, block_s=4,
-                                                            split_n=2, split_s=2)
+    config = {"resident": resident, "cooperative": lambda t: cooperative(t, block_n=4, block_s=4),
+              "split": lambda t: split(block_n=4, block_c=2, block_s=4, split_n=2, split_s=2)}[regime](x)
     with override(forward=config, backward=config):
         _check_against_torch(x, torch.float32, True)
-    if regime == "split":
-        with override(inference=config, backward=config):
+    if regime != "resident":  # the eval-mode backward (and the inference, split)
+        with override(**({"inference": config} if regime == "split" else {}), backward=config):
             _check_against_torch(x, torch.float32, False)
 
 

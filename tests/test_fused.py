@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tritonbn
 from tritonbn.autotune import override
 from tritonbn.functional import batch_norm_tracked
-from reference import assert_matches_reference, reference_batch_norm, resident, split
+from reference import assert_matches_reference, cooperative, reference_batch_norm, resident, split
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -95,12 +95,14 @@ def test_layouts(device, x_layout, residual_layout):
 
 
 def _regimes(x):
-    return {"resident": resident(x), "split": split(block_n=2, block_c=2, block_s=4)}
+    return {"resident": resident(x), "split": split(block_n=2, block_c=2, block_s=4),
+            "cooperative": cooperative(x, block_s=16)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("forward_regime,backward_regime",
-                         [("resident", "split"), ("split", "resident"), ("split", "split")])
+                         [("resident", "split"), ("split", "resident"), ("split", "split"),
+                          ("cooperative", "cooperative")])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_training_mask_recomputed_from_x_is_the_forwards(device, dtype, forward_regime, backward_regime,
                                                         layout):
@@ -139,7 +141,7 @@ def test_training_mask_recomputed_from_x_is_the_forwards(device, dtype, forward_
     torch.testing.assert_close(leaves[0].grad.double(), dx, **tol)
 
 
-@pytest.mark.parametrize("regime", ["resident", "split"])
+@pytest.mark.parametrize("regime", ["resident", "split", "cooperative"])
 def test_recomputed_mask_for_parameter_gradients_alone(device, regime):
     """A frozen input (no dx): the sums pass alone applies the recomputed mask."""
     x = torch.randn(4, 3, 5, 6, device=device)

@@ -5,7 +5,7 @@ import torch
 
 import tritonbn
 from tritonbn.autotune import override
-from reference import resident, split
+from reference import cooperative, resident, split
 
 SHAPES = [(5, 3), (3, 2, 5), (3, 2, 3, 4), (2, 2, 2, 3, 2)]
 # (shape, channels_last): every rank contiguous, 4-D and 5-D also channels_last
@@ -53,10 +53,11 @@ def test_gradcheck(device, shape, channels_last, training, affine):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("regime", ["resident", "split"])
-def test_gradcheck_both_regimes(device, channels_last, regime):
+@pytest.mark.parametrize("regime", ["resident", "split", "cooperative"])
+def test_gradcheck_every_regime(device, channels_last, regime):
     inputs = _inputs((3, 3, 2, 5), device, channels_last, affine=True)
-    config = resident(inputs[0]) if regime == "resident" else split()
+    config = {"resident": resident, "split": lambda t: split(),
+              "cooperative": lambda t: cooperative(t, block_n=1, block_s=8)}[regime](inputs[0])
     with override(forward=config, backward=config):
         assert torch.autograd.gradcheck(_fn(True, (None, None), True), inputs, fast_mode=True)
 

@@ -37,6 +37,9 @@ SHAPE = (4, 6, 5, 5)  # C=6 in blocks of 4: a half-masked channel block; S=25: a
 RESIDENT = LaunchConfig("resident", 4, 4, 32, num_warps=4)
 # grid (2, 2, 2): P = 4 partials per channel, two loop steps per program
 SPLIT = LaunchConfig("split", 2, 4, 8, split_n=2, split_s=2, num_warps=4)
+# two programs per channel block, one group (the interpreter's) taking both blocks
+COOPERATIVE = LaunchConfig("cooperative", 2, 4, 32, split_n=2, num_warps=4)
+CONFIGS = {"resident": RESIDENT, "split": SPLIT, "cooperative": COOPERATIVE}
 
 
 class _Counter:
@@ -145,24 +148,24 @@ def _check(results) -> None:
         assert _modeled(launch) == measured, f"{launch.fn.__name__}: model != interpreter (bytes per tensor)"
 
 
-CASES = [(op, regime) for op in traffic.OPS for regime in ("resident", "split")
-         if not (op == "inference" and regime == "resident")]
+CASES = [(op, regime) for op in traffic.OPS for regime in CONFIGS
+         if not (op == "inference" and regime != "split")]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("op,regime", CASES)
 def test_model_matches_interpreter_bf16(counted, op, regime, layout):
     x = _input(torch.bfloat16, layout)
-    _check(counted(lambda: traffic.call_op(op, x, RESIDENT if regime == "resident" else SPLIT)))
+    _check(counted(lambda: traffic.call_op(op, x, CONFIGS[regime])))
 
 
 @pytest.mark.parametrize("op,regime", [c for c in CASES if c[0] in traffic.DEFAULT_OPS])
 def test_model_matches_interpreter_fp32(counted, op, regime):
     x = _input(torch.float32, "contiguous")
-    _check(counted(lambda: traffic.call_op(op, x, RESIDENT if regime == "resident" else SPLIT)))
+    _check(counted(lambda: traffic.call_op(op, x, CONFIGS[regime])))
 
 
-@pytest.mark.parametrize("config", [RESIDENT, SPLIT], ids=["resident", "split"])
+@pytest.mark.parametrize("config", [RESIDENT, SPLIT, COOPERATIVE], ids=["resident", "split", "cooperative"])
 def test_model_matches_interpreter_cumulative_average(counted, config):
     """momentum=None: one read of num_batches_tracked per channel block."""
     x = _input(torch.bfloat16, "channels_last")

@@ -140,6 +140,13 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     if p.regime == "resident":
         kernels.bn_fwd_resident_kernel[p.grid](x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, **p.args)
         return y, save_mean, save_invstd
+    if p.regime == "cooperative":
+        partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
+        flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
+        for phase in p.phases:
+            kernels.bn_fwd_coop_kernel[p.grid](x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags,
+                                               PHASE=phase, **p.args)
+        return y, save_mean, save_invstd
     if partials is None:
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         kernels.bn_fwd_stats_kernel[p.grid](x, partials, **p.stats_args)
@@ -227,6 +234,15 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     if p.regime == "resident":
         kernels.bn_bwd_resident_kernel[p.grid](x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
                                                **p.args)
+        return dx, dw, db, dr
+    if p.regime == "cooperative":
+        C = p.view.C
+        scratch = torch.empty(2 * (p.num_splits + 1) * C, dtype=p.stats_dtype, device=device)
+        flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
+        for phase in p.phases:
+            kernels.bn_bwd_coop_kernel[p.grid](x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
+                                               scratch[:2 * p.num_splits * C], scratch[2 * p.num_splits * C:],
+                                               flags, PHASE=phase, **p.args)
         return dx, dw, db, dr
     if partials is None and p.has_sums:
         partials = torch.empty((2, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)

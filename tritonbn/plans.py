@@ -174,6 +174,28 @@ def split_block(num_splits: int, block_c: int) -> int:
     return min(next_power_of_2(num_splits), max(1, MERGE_TILE // block_c))
 
 
+def cooperative_grid(view: View, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
+    """(programs per channel block, groups) of the cooperative regime's grid: a
+    persistent grid of at most one program per SM, so that every program of a
+    group is resident while the others wait for it (kernels/common.py: arrive,
+    wait_flag); each group takes channel blocks in turn."""
+    sms = autotune.config._sm_count(device.type, device.index)
+    group = cfg.split_n * cfg.split_s
+    if device.type == "cuda" and group > sms:
+        raise ValueError(f"cooperative config with {group} programs per channel block: this GPU has "
+                         f"{sms} SMs, and a group's programs must all be resident at once")
+    return group, max(1, min(cdiv(view.C, cfg.block_c), sms // group))
+
+
+def cooperative_phases() -> tuple[int, ...]:
+    """The cooperative kernels' PHASE per launch: 0 (one launch, the slab kept
+    on chip) on a GPU; under the interpreter, whose programs run one after
+    another (a program waiting for a later one would wait forever), 1 (the
+    partials and their merge) then 2 (the elementwise pass, reading x again)."""
+    from . import kernels
+    return (1, 2) if kernels.INTERPRETED else (0,)
+
+
 def named_strides(prefix: str, strides: tuple[int, int, int]) -> dict:
     return {f"stride_{prefix}n": strides[0], f"stride_{prefix}c": strides[1],
             f"stride_{prefix}s": strides[2]}
@@ -253,6 +275,8 @@ class ForwardPlan:
     merge_grid: tuple[int, ...] = ()
     merge_args: dict = field(default_factory=dict)
     num_splits: int = 1
+    phases: tuple[int, ...] = ()  # the cooperative kernel's launches
+    num_flags: int = 0            # the cooperative regime's int32 flags (arrivals, merged) per channel block
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
@@ -290,11 +314,13 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     if not training:
         args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo)
         return plan
-    if cfg.regime == "resident":
+    if cfg.regime in ("resident", "cooperative"):
         momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
         args.update(momentum_hi=momentum_hi, momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo,
                     UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None)
         plan.grid = (grid[0],)
+        if cfg.regime == "cooperative":
+            _cooperative(plan, view, cfg, x.device)
         return plan
     if num_splits is None:
         num_splits = grid[1] * grid[2]
@@ -307,6 +333,14 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
                                                   store_stats=True))
     args.update(n_per_split=n_per_split, s_per_split=s_per_split)
     return plan
+
+
+def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device) -> None:
+    plan.grid = cooperative_grid(view, cfg, device)
+    plan.num_splits = plan.grid[0]
+    plan.num_flags = 2 * cdiv(view.C, cfg.block_c)
+    plan.phases = cooperative_phases()
+    plan.args.update(GROUP=plan.num_splits, s_parts=cfg.split_s, SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
 
 
 @dataclass(eq=False)
@@ -334,6 +368,8 @@ class BackwardPlan:
     reduce_grid: tuple[int, ...] = ()
     reduce_args: dict = field(default_factory=dict)
     num_splits: int = 1
+    phases: tuple[int, ...] = ()
+    num_flags: int = 0
 
 
 def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight,
@@ -368,9 +404,14 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
                         weight.dtype if need_dw and weight is not None else None,
                         bias_dtype if need_db else None,
                         need_dx, residual_grad, has_sums, has_bias, grid, args)
-    if cfg.regime == "resident":
+    if cfg.regime in ("resident", "cooperative"):
         args.update(STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db)
         plan.grid = (grid[0],)
+        if cfg.regime == "cooperative":
+            _cooperative(plan, view, cfg, x.device)
+            args.update(count=float(view.N * view.S))
+            if not has_sums:  # nothing to wait for: one launch anywhere
+                plan.phases = (0,)
         return plan
     if has_sums and not partials_given:
         plan.num_splits = grid[1] * grid[2]

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 OPS = ("forward", "backward", "inference")
-REGIMES = ("resident", "split")
+REGIMES = ("resident", "cooperative", "split")
 
 # Largest tile a resident program may hold in registers, in elements, at 16
 # warps. Measured with python -m bench.traffic (sm_90, the launch's own
@@ -26,6 +26,22 @@ REGIMES = ("resident", "split")
 # 16-bit variants (40-84 bytes at 16 or 32 warps).
 RESIDENT_LIMIT = {"forward": 16384, "backward": 8192, "inference": 0}
 RESIDENT_LIMIT_CHANNEL_INNER_BACKWARD = 4096
+# A channel's slab (x; x and dy in the backward) up to this many bytes is read
+# once: by one resident program, or by the cooperative regime's group of
+# programs (each holding a tile of the sizes above), which exchange partials.
+FIT_BYTES = 192 * 1024
+# Tile elements of one cooperative program, measured as above: the backward
+# keeps g and x - mean across the exchange, and spilled 16-28 bytes at 8192
+# (16 or 32 warps); 4096 compile with 64-121 registers and no spill, except
+# channel-inner float32 (8 bytes at 16 warps): 2048 there.
+COOPERATIVE_LIMIT = {"forward": 16384, "backward": 4096}
+COOPERATIVE_LIMIT_CHANNEL_INNER_BACKWARD_FP32 = 2048
+
+
+def _cooperative_limit(problem: Problem) -> int:
+    if problem.op == "backward" and problem.channel_inner and problem.dtype.itemsize > 2:
+        return COOPERATIVE_LIMIT_CHANNEL_INNER_BACKWARD_FP32
+    return COOPERATIVE_LIMIT[problem.op]
 # Elements per tile of a looping program, and the number of programs a split
 # grid aims for, per streaming multiprocessor: at the 4-8 programs of 4-8
 # warps an SM holds (bench.traffic's occupancy), about two waves or more.
@@ -69,6 +85,10 @@ class LaunchConfig:
     regime "split" loops over tiles; the grid is
     (cdiv(C, block_c), split_n, split_s), each program taking an equal run of
     whole tiles along N and along S.
+    regime "cooperative" (forward/backward only) holds a channel block in
+    split_n x split_s programs of one tile each (split_n = cdiv(N, block_n),
+    split_s = cdiv(S, block_s)). The launcher runs a persistent grid of at
+    most one program per SM (tritonbn.plans.cooperative_grid).
     """
 
     regime: str
@@ -96,6 +116,15 @@ class LaunchConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.split_n < 1 or self.split_s < 1:
             raise ValueError(f"splits must be >= 1, got ({self.split_n}, {self.split_s})")
+        if self.regime == "cooperative":
+            if problem.op == "inference":
+                raise ValueError("inference has no cooperative regime")
+            if (cdiv(problem.N, self.block_n), cdiv(problem.S, self.block_s)) != (self.split_n, self.split_s):
+                raise ValueError(
+                    f"cooperative config (block_n={self.block_n}, block_s={self.block_s}, "
+                    f"split_n={self.split_n}, split_s={self.split_s}) does not give one tile per program "
+                    f"over N={problem.N}, S={problem.S}: needs split_n == cdiv(N, block_n) and "
+                    f"split_s == cdiv(S, block_s)")
         if self.regime == "resident":
             if problem.op == "inference":
                 raise ValueError("inference has no resident regime")
@@ -173,6 +202,34 @@ def _resident(problem: Problem, limit: int) -> LaunchConfig | None:
                         num_warps=_num_warps(block_n * block_c * block_s))
 
 
+def slab_fits(problem: Problem) -> bool:
+    """Whether one channel's slab (x; x and dy for the backward) is at most FIT_BYTES."""
+    tensors = 2 if problem.op == "backward" else 1
+    return tensors * problem.N * problem.S * problem.dtype.itemsize <= FIT_BYTES
+
+
+def _cooperative(problem: Problem, limit: int, sms: int) -> LaunchConfig | None:
+    """A channel block over the programs of a [split_n, split_s] grid of
+    `limit`-element tiles, whole planes where they fit (channel-inner: 32 bytes
+    of channels per row, one sector). None where a group would be one program
+    (the resident regime) or more programs than SMs (they must be co-resident)."""
+    N, C, S = problem.N, problem.C, problem.S
+    block_c = min(next_power_of_2(C), max(1, 32 // problem.dtype.itemsize)) if problem.channel_inner else 1
+    block_s = min(next_power_of_2(S), max(1, limit // block_c))
+    block_n = min(next_power_of_2(N), max(1, limit // (block_s * block_c)))
+    split_n, split_s = cdiv(N, block_n), cdiv(S, block_s)
+    if not 2 <= split_n * split_s <= sms:
+        return None
+    return LaunchConfig("cooperative", block_n, block_c, block_s, split_n=split_n, split_s=split_s,
+                        num_warps=_num_warps(block_n * block_c * block_s))
+
+
+def _resident_limit(problem: Problem) -> int:
+    if problem.op == "backward" and problem.channel_inner:
+        return RESIDENT_LIMIT_CHANNEL_INNER_BACKWARD
+    return RESIDENT_LIMIT[problem.op]
+
+
 def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
     block_n, block_c, block_s = _blocks(problem, tile)
     channel_blocks = cdiv(problem.C, block_c)
@@ -194,9 +251,7 @@ def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
         return resident or _split(problem, INTERPRETER_TILE, target_programs=1)
     sms = _sm_count(problem.device.type, problem.device.index)
     if allow_resident:
-        limit = RESIDENT_LIMIT[problem.op]
-        if problem.op == "backward" and problem.channel_inner:
-            limit = RESIDENT_LIMIT_CHANNEL_INNER_BACKWARD
+        limit = _resident_limit(problem)
         resident = _resident(problem, limit)
         # one program per channel block is enough when that fills the GPU,
         # or when the whole problem is small enough that launches dominate
@@ -204,6 +259,9 @@ def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
         if resident is not None and (
                 cdiv(problem.C, resident.block_c) >= sms or numel <= (1 << 20)):
             return resident
+        cooperative = _cooperative(problem, _cooperative_limit(problem), sms) if slab_fits(problem) else None
+        if cooperative is not None:
+            return cooperative
     return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)
 
 
@@ -220,6 +278,7 @@ def _fits(config: LaunchConfig, problem: Problem) -> bool:
 def _per_thread_limit(config: LaunchConfig, problem: Problem) -> int:
     if config.regime == "split":
         return MAX_ELEMENTS_PER_THREAD["split"]
+    # resident and cooperative programs hold one tile
     return MAX_ELEMENTS_PER_THREAD[f"resident {problem.op}"]
 
 
@@ -235,6 +294,9 @@ def candidates(problem: Problem) -> list[LaunchConfig]:
             resident = _resident(problem, limit)
             if resident is not None:
                 found += [dataclasses.replace(resident, num_warps=w) for w in (4, 8, 16)]
+            cooperative = _cooperative(problem, limit, sms) if problem.device.type == "cuda" else None
+            if cooperative is not None and limit <= _cooperative_limit(problem):
+                found += [dataclasses.replace(cooperative, num_warps=w) for w in (8, 16)]
     for tile in (1024, 4096):
         for per_sm in (2, 8):
             split = _split(problem, tile, per_sm * sms)
