@@ -238,6 +238,14 @@ def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
     want = min(MAX_SPLITS, max(1, cdiv(target_programs, channel_blocks)))
     split_n = min(tiles_n, want)
     split_s = min(tiles_s, cdiv(want, split_n))
+    if not problem.channel_inner:
+        # whole tiles per program rounded down, so that the grid
+        # (plans.grid_split) has at least the programs asked for: 32 tiles over
+        # 9 wanted splits is 11 programs of 3 tiles, not 8 of 4. (Channel-inner
+        # programs each re-read 32 channels' parameters and write 32 channels'
+        # partials: there the rounding up of tiles per program stays.)
+        split_n = cdiv(tiles_n, tiles_n // split_n)
+        split_s = cdiv(tiles_s, tiles_s // split_s)
     return LaunchConfig("split", block_n, block_c, block_s, split_n, split_s,
                         num_warps=_num_warps(block_n * block_c * block_s))
 

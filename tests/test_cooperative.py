@@ -1,0 +1,168 @@
+"""The cooperative regime: a channel block's slab over a group of programs that
+exchange partials (kernels/common.py: arrive, raise_flag, wait_flag).
+
+Its results in every layout, dtype and fused epilogue are checked with the
+other regimes (test_batch_norm, test_fused, test_gradcheck, test_traffic
+force it). Here: when the heuristic picks it, what a config must satisfy,
+the grid it runs on, and the interpreter's two-launch form of it. The wait
+between programs only runs on a GPU (the interpreter runs programs one after
+another); test_cuda runs it there.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tritonbn import kernels, launch, plans
+from tritonbn.autotune import LaunchConfig, Problem, heuristic
+from tritonbn.autotune import config as config_module
+from tritonbn.autotune.shapes import in_layout, suite
+from reference import cooperative
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts the interpreter's launches")
+
+GPU = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    """What the heuristic sees on an H100: 132 SMs, warps of 32."""
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 132)
+    monkeypatch.setattr(config_module, "_warp_size", lambda *args: 32)
+
+
+def _problem(op, shape, dtype=torch.bfloat16, channel_inner=False):
+    N, C, *spatial = shape
+    S = 1
+    for size in spatial:
+        S *= size
+    return Problem(op, N, C, S, channel_inner, dtype, GPU)
+
+
+@pytest.mark.parametrize("op,shape,dtype,expected", [
+    ("forward", (256, 512, 14, 14), torch.bfloat16, "cooperative"),  # 100 KB per channel
+    ("forward", (256, 512, 14, 14), torch.float32, "split"),         # 200 KB: does not fit
+    ("backward", (256, 512, 14, 14), torch.bfloat16, "split"),       # x and dy: 200 KB
+    ("backward", (256, 512, 7, 7), torch.bfloat16, "cooperative"),
+    ("forward", (32, 128, 28, 28), torch.float32, "cooperative"),
+    ("forward", (256, 512, 7, 7), torch.bfloat16, "resident"),       # one program holds it
+    ("inference", (256, 512, 7, 7), torch.bfloat16, "split"),
+])
+def test_heuristic_reads_a_fitting_slab_once(h100, op, shape, dtype, expected):
+    assert heuristic(_problem(op, shape, dtype)).regime == expected
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("channel_inner", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_heuristic_cooperative_configs_are_valid_and_co_resident(h100, op, channel_inner, dtype):
+    """On every ResNet-50 shape: wherever one channel's slab fits 192 KB a
+    single-read regime is chosen; a cooperative group is one tile per program,
+    at most one program per SM, within the tile limit that compiled without
+    spills."""
+    chosen = 0
+    for shape in suite("resnet50"):
+        problem = _problem(op, shape, dtype, channel_inner)
+        cfg = heuristic(problem)
+        if config_module.slab_fits(problem):
+            assert cfg.regime in ("resident", "cooperative"), (shape, cfg)
+        if cfg.regime != "cooperative":
+            continue
+        chosen += 1
+        cfg.validate(problem)
+        assert 2 <= cfg.split_n * cfg.split_s <= 132
+        assert cfg.block_n * cfg.block_c * cfg.block_s <= config_module._cooperative_limit(problem)
+        view = plans.View(problem.N, problem.C, problem.S, channel_inner)
+        group, groups = plans.cooperative_grid(view, cfg, GPU)
+        assert group * groups <= 132
+    assert chosen
+
+
+def test_config_validation_names_the_problem():
+    problem = Problem("forward", 5, 3, 10, False, torch.float32, torch.device("cpu"))
+    LaunchConfig("cooperative", 2, 1, 8, split_n=3, split_s=2).validate(problem)
+    with pytest.raises(ValueError, match="one tile per program"):
+        LaunchConfig("cooperative", 2, 1, 8, split_n=2, split_s=2).validate(problem)
+    with pytest.raises(ValueError, match="inference has no cooperative regime"):
+        LaunchConfig("cooperative", 2, 1, 8, split_n=3, split_s=2).validate(
+            Problem("inference", 5, 3, 10, False, torch.float32, torch.device("cpu")))
+
+
+def test_a_group_larger_than_the_gpu_is_refused(monkeypatch):
+    """Its programs could not all be resident: a wait would never end."""
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 4)
+    view = plans.View(10, 3, 1, True)
+    with pytest.raises(ValueError, match="must all be resident"):
+        plans.cooperative_grid(view, LaunchConfig("cooperative", 2, 1, 1, split_n=5), GPU)
+    assert plans.cooperative_grid(view, LaunchConfig("cooperative", 5, 1, 1, split_n=2), GPU) == (2, 2)
+
+
+def _launches(monkeypatch):
+    """(kernel, grid, PHASE, GROUP) of each cooperative launch from now on."""
+    log = []
+
+    class Spy:
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(kernels, name)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                log.append((self.name, grid, kwargs["PHASE"], kwargs["GROUP"]))
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    for name in ("bn_fwd_coop_kernel", "bn_bwd_coop_kernel"):
+        monkeypatch.setattr(kernels, name, Spy(name))
+    return log
+
+
+def test_interpreter_runs_two_phases_and_groups_take_blocks_in_turn(monkeypatch):
+    """Under the interpreter: PHASE 1 (partials, merge) then PHASE 2 (normalize);
+    with room for two groups (4 SMs, groups of 2), each takes every other
+    channel block. Results as torch's, running stats and momentum=None included."""
+    assert plans.cooperative_phases() == (1, 2)
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 4)
+    log = _launches(monkeypatch)
+    x = torch.randn(6, 5, 3, 3, dtype=torch.float64) * 2 + 1
+    cfg = cooperative(x, block_n=4, block_c=2, block_s=16)  # 3 channel blocks, groups of 2
+    assert (cfg.split_n, cfg.split_s) == (2, 1)
+    for momentum in (0.1, None):
+        running = [torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5]
+        expected_running = [t.clone() for t in running]
+        tracked = torch.tensor(3)
+        y, mean, invstd = launch.forward_training(x, None, None, *running, tracked, momentum, 1e-5, config=cfg)
+        expected = F.batch_norm(x, *expected_running, None, None, True, 1 / 3 if momentum is None else momentum,
+                                1e-5)
+        torch.testing.assert_close(y, expected)
+        torch.testing.assert_close(running, expected_running)
+        var, mu = torch.var_mean(x, (0, 2, 3), correction=0)
+        torch.testing.assert_close(mean, mu)
+        torch.testing.assert_close(invstd, torch.rsqrt(var + 1e-5))
+    assert [(grid, phase, group) for _, grid, phase, group in log] == [((2, 2), 1, 2), ((2, 2), 2, 2)] * 2
+
+
+def test_backward_without_sums_is_one_launch(monkeypatch):
+    """Eval mode without parameter gradients takes no sums: nothing to wait for,
+    one PHASE 0 launch even under the interpreter."""
+    log = _launches(monkeypatch)
+    x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    w, mean, invstd = torch.randn(3), torch.randn(3), torch.rand(3) + 0.5
+    dx, dw, db, _ = launch.backward(g, x, w, mean, invstd, False, (True, False, False), None,
+                                    config=cooperative(x, block_s=16))
+    assert dw is None and db is None
+    torch.testing.assert_close(dx, g * (w * invstd)[None, :, None, None])
+    assert [(name, phase) for name, _, phase, _ in log] == [("bn_bwd_coop_kernel", 0)]
+
+
+def test_results_are_bitwise_reproducible_and_the_regimes_agree(monkeypatch):
+    """The merge order is fixed: two runs agree bit for bit; and the statistics
+    equal the split regime's to rounding."""
+    x = in_layout(torch.randn(8, 6, 7, 7), "channels_last") * 3 + 2
+    cfg = cooperative(x, block_n=2, block_c=4, block_s=32)
+    first = launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=cfg)
+    second = launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=cfg)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    split = LaunchConfig("split", 2, 4, 16, split_n=2, split_s=2)
+    other = launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=split)
+    for a, b in zip(first, other):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
