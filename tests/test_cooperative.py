@@ -77,6 +77,16 @@ def test_heuristic_cooperative_configs_are_valid_and_co_resident(h100, op, chann
     assert chosen
 
 
+def test_environment_variable_turns_the_regime_off(h100, monkeypatch):
+    problem = _problem("forward", (256, 512, 14, 14))
+    monkeypatch.setenv("TRITONBN_COOPERATIVE", "0")
+    assert heuristic(problem).regime == "split"
+    assert all(c.regime != "cooperative" for c in config_module.candidates(problem))
+    monkeypatch.setenv("TRITONBN_COOPERATIVE", "1")
+    assert heuristic(problem).regime == "cooperative"
+    assert any(c.regime == "cooperative" for c in config_module.candidates(problem))
+
+
 def test_config_validation_names_the_problem():
     problem = Problem("forward", 5, 3, 10, False, torch.float32, torch.device("cpu"))
     LaunchConfig("cooperative", 2, 1, 8, split_n=3, split_s=2).validate(problem)

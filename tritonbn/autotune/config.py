@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -208,11 +209,21 @@ def slab_fits(problem: Problem) -> bool:
     return tensors * problem.N * problem.S * problem.dtype.itemsize <= FIT_BYTES
 
 
+def cooperative_enabled() -> bool:
+    """TRITONBN_COOPERATIVE=0 keeps the heuristic and the tuner off the
+    cooperative regime: for a GPU shared so that a process may get fewer SMs
+    than the device has (MPS with an active-thread percentage, green
+    contexts), where a group's programs might not all be resident at once."""
+    return os.environ.get("TRITONBN_COOPERATIVE", "1") != "0"
+
+
 def _cooperative(problem: Problem, limit: int, sms: int) -> LaunchConfig | None:
     """A channel block over the programs of a [split_n, split_s] grid of
     `limit`-element tiles, whole planes where they fit (channel-inner: 32 bytes
     of channels per row, one sector). None where a group would be one program
     (the resident regime) or more programs than SMs (they must be co-resident)."""
+    if not cooperative_enabled():
+        return None
     N, C, S = problem.N, problem.C, problem.S
     block_c = min(next_power_of_2(C), max(1, 32 // problem.dtype.itemsize)) if problem.channel_inner else 1
     block_s = min(next_power_of_2(S), max(1, limit // block_c))
