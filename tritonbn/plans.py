@@ -340,7 +340,8 @@ def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device) -> N
     plan.num_splits = plan.grid[0]
     plan.num_flags = 2 * cdiv(view.C, cfg.block_c)
     plan.phases = cooperative_phases()
-    plan.args.update(GROUP=plan.num_splits, s_parts=cfg.split_s, SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
+    plan.args.update(GROUP=plan.num_splits, s_parts=cfg.split_s,
+                     SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
 
 
 @dataclass(eq=False)

@@ -43,6 +43,8 @@ def _cooperative_limit(problem: Problem) -> int:
     if problem.op == "backward" and problem.channel_inner and problem.dtype.itemsize > 2:
         return COOPERATIVE_LIMIT_CHANNEL_INNER_BACKWARD_FP32
     return COOPERATIVE_LIMIT[problem.op]
+
+
 # Elements per tile of a looping program, and the number of programs a split
 # grid aims for, per streaming multiprocessor: at the 4-8 programs of 4-8
 # warps an SM holds (bench.traffic's occupancy), about two waves or more.
