@@ -34,14 +34,16 @@ FIT_BYTES = 192 * 1024
 # Tile elements of one cooperative program, measured as above: the backward
 # keeps g and x - mean across the exchange, and spilled 16-28 bytes at 8192
 # (16 or 32 warps); 4096 compile with 64-121 registers and no spill, except
-# channel-inner float32 (8 bytes at 16 warps): 2048 there.
+# channel-inner float32 (8 bytes at 16 warps): 2048 there. The forward's
+# channel-inner float32 variants with a fused residual spilled 8-20 bytes at
+# 16384 (bench.kernel_report --ops fused): 8192 there.
 COOPERATIVE_LIMIT = {"forward": 16384, "backward": 4096}
-COOPERATIVE_LIMIT_CHANNEL_INNER_BACKWARD_FP32 = 2048
+COOPERATIVE_LIMIT_CHANNEL_INNER_FP32 = {"forward": 8192, "backward": 2048}
 
 
 def _cooperative_limit(problem: Problem) -> int:
-    if problem.op == "backward" and problem.channel_inner and problem.dtype.itemsize > 2:
-        return COOPERATIVE_LIMIT_CHANNEL_INNER_BACKWARD_FP32
+    if problem.channel_inner and problem.dtype.itemsize > 2:
+        return COOPERATIVE_LIMIT_CHANNEL_INNER_FP32[problem.op]
     return COOPERATIVE_LIMIT[problem.op]
 
 
