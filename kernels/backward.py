@@ -114,6 +114,34 @@ def sum_partials(Partials, num_splits, C, cols, cmask,
 
 
 @triton.jit
+def store_sums(DWeight, DBias, Sums, stride_sums, cols, cmask, sum_g, sum_g_xhat,
+               STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, STORE_SUMS: tl.constexpr):
+    """A channel block's totals: dweight = sum g * xhat, dbias = sum g, and with
+    STORE_SUMS the two totals dx needs (rows stride_sums apart at Sums)."""
+    if STORE_DWEIGHT:
+        tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
+    if STORE_DBIAS:
+        tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
+    if STORE_SUMS:
+        tl.store(Sums + cols, sum_g, mask=cmask)
+        tl.store(Sums + stride_sums + cols, sum_g_xhat, mask=cmask)
+
+
+@triton.jit
+def dx_coefficients(Sums, stride_sums, cols, cmask, scale, invstd, count,
+                    CACHE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(g_shift, xmu_coef) [1, BLOCK_C, 1] of the training
+    dx = scale * (g - g_shift) - (x - mean) * xmu_coef, from the totals
+    (sum g, sum g * xhat) at Sums (rows stride_sums apart): g_shift = sum g / m,
+    xmu_coef = scale * invstd * sum g * xhat / m, m = count. CACHE: the loads'
+    cache modifier (".cg" for totals another program of this launch wrote)."""
+    inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
+    sum_g = tl.load(Sums + cols, mask=cmask, other=0.0, cache_modifier=CACHE).to(ACC_DTYPE)
+    sum_g_xhat = tl.load(Sums + stride_sums + cols, mask=cmask, other=0.0, cache_modifier=CACHE).to(ACC_DTYPE)
+    return (sum_g * inv_count)[None, :, None], (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+
+
+@triton.jit
 def bn_bwd_reduce_kernel(
     Partials,           # [2, P, C] from bn_bwd_sums_kernel; row 0 receives the totals (STORE_SUMS)
     DWeight, DBias,     # [C] outputs, or dummies
@@ -128,13 +156,8 @@ def bn_bwd_reduce_kernel(
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, "")
-    if STORE_DWEIGHT:
-        tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
-    if STORE_DBIAS:
-        tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
-    if STORE_SUMS:
-        tl.store(Partials + cols, sum_g, mask=cmask)
-        tl.store(Partials + num_splits * C + cols, sum_g_xhat, mask=cmask)
+    store_sums(DWeight, DBias, Partials, num_splits * C, cols, cmask, sum_g, sum_g_xhat,
+               STORE_DWEIGHT, STORE_DBIAS, STORE_SUMS)
 
 
 @triton.jit
@@ -169,12 +192,7 @@ def bn_bwd_dx_kernel(
     scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
     if TRAINING:
-        inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
-        sum_g = load_channel(Sums, cols, cmask, ACC_DTYPE)
-        sum_g_xhat = load_channel(Sums + stride_sums, cols, cmask, ACC_DTYPE)
-        # dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
-        g_shift = (sum_g * inv_count)[None, :, None]
-        xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+        g_shift, xmu_coef = dx_coefficients(Sums, stride_sums, cols, cmask, scale, invstd, count, "", ACC_DTYPE)
     mean = mean[None, :, None]
     scale = scale[None, :, None]
     bias = bias[None, :, None]
@@ -309,12 +327,8 @@ def bn_bwd_coop_kernel(
             tl.store(Partials + GROUP * C + base, tl.sum(tl.sum(g * xmu, 2), 0) * invstd, mask=cmask)
             if arrive(Flags + block) == GROUP - 1:
                 sum_g, sum_g_xhat = sum_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
-                if STORE_DWEIGHT:
-                    tl.store(DWeight + cols, sum_g_xhat.to(DWeight.dtype.element_ty), mask=cmask)
-                if STORE_DBIAS:
-                    tl.store(DBias + cols, sum_g.to(DBias.dtype.element_ty), mask=cmask)
-                tl.store(Totals + cols, sum_g, mask=cmask)
-                tl.store(Totals + C + cols, sum_g_xhat, mask=cmask)
+                store_sums(DWeight, DBias, Totals, C, cols, cmask, sum_g, sum_g_xhat,
+                           STORE_DWEIGHT, STORE_DBIAS, True)
                 raise_flag(Flags + num_blocks + block)
         if HAS_SUMS and PHASE == 0:
             wait_flag(Flags + num_blocks + block)
@@ -325,12 +339,8 @@ def bn_bwd_coop_kernel(
                 tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
             if COMPUTE_DX:
                 if TRAINING:
-                    # as bn_bwd_dx_kernel: dx = scale * (g - sum_g / m) - (x - mean) * (scale * invstd * sum_g_xhat / m)
-                    inv_count = 1.0 / tl.cast(count, ACC_DTYPE)
-                    sum_g = tl.load(Totals + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                    sum_g_xhat = tl.load(Totals + C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                    g_shift = (sum_g * inv_count)[None, :, None]
-                    xmu_coef = (scale * invstd * sum_g_xhat * inv_count)[None, :, None]
+                    g_shift, xmu_coef = dx_coefficients(Totals, C, cols, cmask, scale, invstd, count, ".cg",
+                                                        ACC_DTYPE)
                     dx = scale[None, :, None] * (g - g_shift) - xmu * xmu_coef
                 else:
                     dx = scale[None, :, None] * g

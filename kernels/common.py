@@ -177,13 +177,26 @@ def combine_double(hi, lo, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def tile_statistics(x, mask, ACC_DTYPE: tl.constexpr):
+    """Exact two-pass statistics of each channel of a tile: (count, mean, x -
+    mean (0 where masked), m2) with count, mean and m2 [BLOCK_C]; an empty
+    channel gives zeros."""
+    count = tl.sum(tl.sum(mask.to(ACC_DTYPE), 2), 0)
+    mean = tl.sum(tl.sum(x, 2), 0) / tl.maximum(count, 1.0)
+    xmu = tl.where(mask, x - mean[None, :, None], 0.0)
+    return count, mean, xmu, tl.sum(tl.sum(xmu * xmu, 2), 0)
+
+
+@triton.jit
 def store_channel_stats(
     SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
-    cols, smask, mean, var, invstd, count,
-    momentum_hi, momentum_lo,
+    cols, smask, count, mean, m2,
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Write save_mean / save_invstd and apply the running-stat update.
+    """From a channel's merged (count, mean, m2): var = m2 / count and invstd =
+    1 / sqrt(var + eps); write save_mean / save_invstd and apply the
+    running-stat update. Returns invstd.
 
     running_mean = (1 - momentum) * running_mean + momentum * mean
     running_var  = (1 - momentum) * running_var  + momentum * var * count / (count - 1)
@@ -191,6 +204,8 @@ def store_channel_stats(
     read on the device so a compiled graph never turns it into a Python float.
     Called by exactly one program per channel block; smask masks its channels.
     """
+    var = m2 / tl.maximum(count, 1.0)
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
     tl.store(SaveMean + cols, mean, mask=smask)
     tl.store(SaveInvstd + cols, invstd, mask=smask)
     if UPDATE_RUNNING:
@@ -205,6 +220,7 @@ def store_channel_stats(
         running_var = (1.0 - momentum) * running_var + momentum * unbiased_var
         tl.store(RunningMean + cols, running_mean.to(RunningMean.dtype.element_ty), mask=smask)
         tl.store(RunningVar + cols, running_var.to(RunningVar.dtype.element_ty), mask=smask)
+    return invstd
 
 
 # ---------------------------------------------------------------- cooperative groups
