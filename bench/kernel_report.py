@@ -161,20 +161,21 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
         launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
-    elif op in ("fused", "fused_forward", "fused_backward"):
-        # batch_norm_relu with and without a residual; "fused" runs both directions with one config
+    elif op in ("fused", "fused_forward", "fused_backward", "fused_inference"):
+        # batch_norm_relu with and without a residual; "fused" runs every direction its config serves
         residual = torch.empty_like(x)
         nbt = torch.empty((), dtype=torch.long, device="meta")
         mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)
         y = torch.empty_like(x)
-        if op != "fused_backward":
+        training = config.regime != "flat"
+        if op in ("fused", "fused_forward") and training:
             launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config,
                                     residual=residual, relu=True)
             launch.forward_training(x, weight, bias, rm, rv, nbt, 0.1, 1e-5, config=config, relu=True)
-            if config.regime == "split":
-                launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, residual=residual,
-                                         relu=True)
-        if op != "fused_forward":
+        if op in ("fused", "fused_inference") and config.regime in ("split", "flat"):
+            for r in (residual, None):
+                launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, residual=r, relu=True)
+        if op in ("fused", "fused_backward") and training:
             for training in (True, False):  # the mask read from y
                 launch.backward(torch.empty_like(x), x, weight, mean, invstd, training, (True, True, True),
                                 bias.dtype, config=config, output=y, residual_grad=True)
@@ -427,8 +428,9 @@ def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
                 x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
                 _, view, _ = plans.canonical(x)
                 for op in ops:
-                    # the fused epilogue launches with the forward's and the backward's configs
-                    for launched in (("fused_forward", "fused_backward") if op == "fused" else (op,)):
+                    # the fused epilogue launches with each direction's own config
+                    fused = ("fused_forward", "fused_backward", "fused_inference")
+                    for launched in (fused if op == "fused" else (op,)):
                         tuned_op = launched.removeprefix("fused_")
                         problem = Problem(tuned_op, view.N, view.C, view.S, view.channel_inner, dtype,
                                           torch.device("cuda", 0))

@@ -20,7 +20,10 @@ launch gives:
   kernels touch under the Triton interpreter.
 - the kernel compiled for sm_90 with the launch's real specialization
   (bench.kernel_report.specialize): registers, spills, shared memory,
-  programs per SM (occupancy), waves = programs / (SMs x programs per SM),
+  programs per SM (occupancy), waves = programs / (SMs x programs per SM)
+  and the grid's shape (grid_shape: two waves or more, one wave of at least
+  one program per SM, the cooperative kernels' persistent grid, or a tail
+  between one and two waves, or fewer programs than SMs: the last two miss),
   and the narrowest global load / store of its per-element tensors (x, y,
   dy, dx, residual), read from the PTX.
 
@@ -147,6 +150,16 @@ MODEL: dict[str, tuple[Access, ...]] = {
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
         Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
     ),
+    # grid (position chunks, row splits): every program reads its positions'
+    # channels (flat_channels per row split), the row-0 programs write each
+    # channel's saved statistics once
+    "bn_inference_flat_kernel": (
+        Access("RunningMean", READ, "splits * flat_channels"), Access("RunningVar", READ, "splits * flat_channels"),
+        Access("Weight", READ, "splits * flat_channels", "HAS_WEIGHT"),
+        Access("Bias", READ, "splits * flat_channels", "HAS_BIAS"),
+        Access("SaveMean", WRITE, "C"), Access("SaveInvstd", WRITE, "C"),
+        Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
+    ),
     "bn_bwd_sums_kernel": (
         *_per_channel("Mean"),
         Access("Invstd", READ, "C * splits * (1 + RELU_FROM_X)"),  # the mask's scale, then xhat
@@ -229,6 +242,9 @@ def launch_bytes(launch: Launch) -> dict[tuple[str, str], int]:
                  cdiv=lambda a, b: -(-a // b))
     if {"N", "C", "S"} <= bound.keys():
         scope["numel"] = bound["N"] * bound["C"] * bound["S"]
+    if {"rows", "L"} <= bound.keys():  # the flat regime's rows of L values
+        scope["numel"] = bound["rows"] * bound["L"]
+        scope["flat_channels"] = flat_channels(bound, grid[0])
     out: dict[tuple[str, str], int] = {}
     for access in model:
         if access.arg not in pointers:
@@ -238,6 +254,16 @@ def launch_bytes(launch: Launch) -> dict[tuple[str, str], int]:
         size = int(_evaluate(access.count, scope, name)) * bound[access.arg].element_size()
         out[(access.arg, access.mode)] = out.get((access.arg, access.mode), 0) + size
     return out
+
+
+def flat_channels(bound: dict, chunks: int) -> int:
+    """Channels the programs of one row split of bn_inference_flat_kernel read:
+    channel-inner, their positions are the channels (C in all); channel-strided,
+    each reads the CHANNELS channels from its first position's, those below C."""
+    if bound["CHANNEL_INNER"]:
+        return bound["C"]
+    C, S, width = bound["C"], bound["S"], bound["CHANNELS"]
+    return sum(min(width, C - j * bound["BLOCK_F"] // S) for j in range(chunks))
 
 
 def _evaluate(expression: str, scope: dict, kernel: str):
@@ -276,6 +302,7 @@ OPS = {
     "backward_relu": Op("backward", ("x", "dy"), ("dx",), ("x", "dy")),
     "forward_add_relu": Op("forward", ("x", "residual"), ("y",), ("x",)),
     "backward_add_relu": Op("backward", ("x", "dy", "y"), ("dx", "dresidual"), ("x", "dy", "y")),
+    "inference_add_relu": Op("inference", ("x", "residual"), ("y",), ()),
 }
 DEFAULT_OPS = ("forward", "backward", "inference")
 
@@ -296,8 +323,9 @@ def call_op(op: str, x: torch.Tensor, config, momentum: float | None = 0.1) -> N
         nbt = torch.ones((), dtype=torch.long, device=dev)
         launch.forward_training(x, weight, bias, running_mean, running_var, nbt, momentum, 1e-5, config=config,
                                 residual=torch.randn_like(x) if residual else None, relu=relu)
-    elif op == "inference":
-        launch.forward_inference(x, weight, bias, running_mean, running_var, 1e-5, config=config)
+    elif op.startswith("inference"):
+        launch.forward_inference(x, weight, bias, running_mean, running_var, 1e-5, config=config,
+                                 residual=torch.randn_like(x) if residual else None, relu=relu)
     elif op in ("backward", "backward_relu"):
         launch.backward(grad, x, weight, mean, invstd, True, (True, True, True), bias.dtype, config=config,
                         relu_from_input=relu, bias=bias if relu else None)
@@ -413,10 +441,33 @@ def kernel_row(launch: Launch, compiled: dict | None, sms: int) -> dict:
         result = compiled[key]
         load, store = access_widths(name, result["accesses"]) if result["ok"] else (None, None)
         per_sm = programs_per_sm(result["registers"], row["warps"], result["shared"]) if result["ok"] else None
+        waves = row["programs"] / (sms * per_sm) if per_sm else None
         row.update(registers=result["registers"], spills=result["spill_bytes"], shared=result["shared"],
-                   per_sm=per_sm, waves=row["programs"] / (sms * per_sm) if per_sm else None,
+                   per_sm=per_sm, waves=waves, grid_shape=grid_shape(name, row["programs"], waves, sms),
                    min_load_bytes=load, min_store_bytes=store, error=result["error"])
     return row
+
+
+# grid shapes, worst last: what the waves target of issue 13 accepts, then not
+GRID_SHAPES = ("waves", "one wave", "persistent", "tail", "short")
+PERSISTENT = {"bn_fwd_coop_kernel", "bn_bwd_coop_kernel"}  # one program per SM by design
+
+
+def grid_shape(kernel: str, programs: int, waves: float | None, sms: int) -> str | None:
+    """How a launch's programs fill the GPU: "waves" (two waves or more: the
+    last one partial at worst half the time), "one wave" (every program
+    resident from the start and at least one per SM: no later wave, no tail),
+    "persistent" (the cooperative kernels' grid), "tail" (between one and two
+    waves: the second wave partly empty) or "short" (fewer programs than SMs)."""
+    if waves is None:
+        return None
+    if kernel in PERSISTENT:
+        return "persistent"
+    if waves >= 2:
+        return "waves"
+    if waves > 1:
+        return "tail"
+    return "one wave" if programs >= sms else "short"
 
 
 def op_row(op: str, shape, dtype_name: str, layout: str, config, kernels: list[dict]) -> dict:
@@ -452,7 +503,8 @@ def _worst(data: list[dict], compiled: bool) -> dict:
 
     return dict(registers=pick("registers", max), spills=pick("spills", max), shared=pick("shared", max),
                 min_load_bytes=pick("min_load_bytes", min), min_store_bytes=pick("min_store_bytes", min),
-                waves=pick("waves", min), error="; ".join(k["error"] for k in data if compiled and k.get("error")))
+                waves=pick("waves", min), grid_shape=pick("grid_shape", lambda v: max(v, key=GRID_SHAPES.index)),
+                error="; ".join(k["error"] for k in data if compiled and k.get("error")))
 
 
 def _misses(row: dict, x: torch.Tensor, compiled: bool) -> list[str]:
@@ -468,8 +520,8 @@ def _misses(row: dict, x: torch.Tensor, compiled: bool) -> list[str]:
         misses.append("spills")
     if aligned and (row["min_load_bytes"] or 0) < 8:
         misses.append("loads")
-    if row["waves"] is not None and row["waves"] < 2 and row["regime"] != "cooperative":
-        misses.append("waves")  # a cooperative grid is persistent: one program per SM by design
+    if row["grid_shape"] in ("tail", "short"):
+        misses.append("waves")
     if row["error"]:
         misses.append("compile")
     return misses
@@ -499,7 +551,7 @@ _SUMMARY = ["N", "C", "H", "W", "dtype", "layout", "op", "regime", "blocks", "sp
             "ratio_min", "ratio_practical", "partials_x", "registers", "spills", "min_load_bytes", "waves",
             "us_model_h100", "us_min_h100", "misses"]
 _PLAN = ["kernel", "blocks", "warps", "stages", "grid", "programs", "registers", "spills", "shared", "per_sm", "waves",
-         "min_load_bytes", "min_store_bytes", "bytes_x", "bytes_y", "bytes_dy", "bytes_dx", "bytes_partials",
+         "grid_shape", "min_load_bytes", "min_store_bytes", "bytes_x", "bytes_y", "bytes_dy", "bytes_dx", "bytes_partials",
          "bytes_params"]
 
 

@@ -9,7 +9,7 @@ from .backward import (
 from .forward import (
     bn_fwd_coop_kernel, bn_fwd_merge_kernel, bn_fwd_normalize_kernel, bn_fwd_resident_kernel, bn_fwd_stats_kernel,
 )
-from .inference import bn_inference_kernel
+from .inference import bn_inference_flat_kernel, bn_inference_kernel
 
 try:  # triton >= 3.0 returns an InterpretedFunction from @jit when TRITON_INTERPRET=1
     from triton.runtime.interpreter import InterpretedFunction as _Interpreted
@@ -32,5 +32,6 @@ __all__ = [
     "bn_fwd_normalize_kernel",
     "bn_fwd_resident_kernel",
     "bn_fwd_stats_kernel",
+    "bn_inference_flat_kernel",
     "bn_inference_kernel",
 ]

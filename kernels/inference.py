@@ -74,3 +74,89 @@ def bn_inference_kernel(
                          stride_rn, stride_rc, stride_rs, HAS_RESIDUAL, RELU,
                          BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
             tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_inference_flat_kernel(
+    X, Y,                       # rows of L contiguous values (see below)
+    R,                          # residual laid out as X, when HAS_RESIDUAL
+    Weight, Bias,               # [C] or dummies
+    RunningMean, RunningVar,    # [C]
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs
+    rows, L, C, S,
+    stride_xr, stride_yr, stride_rr,
+    rows_per_split,
+    eps_hi, eps_lo,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, CHANNELS: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The folded affine pass over the tensor as rows of L contiguous values,
+    indexed flat: every lane busy and every row start aligned wherever the
+    row stride allows, whatever S is.
+
+    - channel-strided (NCHW, NCDHW, NCL): a row is one sample's C * S values
+      (rows = N); position f belongs to channel f // S.
+    - channel-inner (channels_last, (N, C)): a row is one pixel's C values
+      (rows = N * S); position f is channel f.
+
+    Grid (cdiv(L, BLOCK_F), splits): program (j, i) takes positions
+    [j * BLOCK_F, (j + 1) * BLOCK_F) of rows [i * rows_per_split, ...).
+    It folds scale and shift once, for the CHANNELS channels its positions
+    touch (channel-strided: a [CHANNELS] vector spread to the positions with
+    tl.gather, so the per-channel values are read once per program, not once
+    per position), then streams its rows: 1 read, 1 write. The row-0
+    programs write save_mean and save_invstd of the channels that start in
+    their positions, each channel exactly once.
+    """
+    pid_f = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    if INT64:
+        pid_f = pid_f.to(tl.int64)
+    f0 = pid_f * BLOCK_F
+    f = f0 + tl.arange(0, BLOCK_F)
+    fmask = f < L
+    if CHANNEL_INNER:
+        cols = f
+        cmask = fmask
+        first = cmask
+    else:
+        c0 = f0 // S
+        cols = c0 + tl.arange(0, CHANNELS)
+        cmask = cols < C
+        first = cmask & (cols * S >= f0) & (cols * S < f0 + BLOCK_F)
+
+    mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
+    var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    if pid_r == 0:  # one writer per channel
+        tl.store(SaveMean + cols, mean, mask=first)
+        tl.store(SaveInvstd + cols, invstd, mask=first)
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + load_channel(Bias, cols, cmask, ACC_DTYPE)
+    if not CHANNEL_INNER:
+        # each position's channel, relative to the program's first one
+        local = tl.minimum(f // S - c0, CHANNELS - 1)
+        scale = tl.gather(scale, local, 0)
+        shift = tl.gather(shift, local, 0)
+    scale = scale[None, :]
+    shift = shift[None, :]
+
+    r_start, r_end = split_range(pid_r, rows_per_split, rows)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < rows)[:, None] & fmask[None, :]
+        if INT64:
+            r = r.to(tl.int64)
+        x = tl.load(X + (r * stride_xr)[:, None] + f[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        y = x * scale + shift
+        if HAS_RESIDUAL:
+            y = y + tl.load(R + (r * stride_rr)[:, None] + f[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)
+        tl.store(Y + (r * stride_yr)[:, None] + f[None, :], y.to(Y.dtype.element_ty), mask=mask)

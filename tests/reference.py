@@ -129,3 +129,10 @@ def split(block_n=2, block_c=1, block_s=2, split_n=2, split_s=2) -> LaunchConfig
     """A looping config with small tiles and several splits, so masks, loops and
     the partial merge are all exercised on small inputs."""
     return LaunchConfig("split", block_n, block_c, block_s, split_n, split_s)
+
+
+def flat(block_n: int = 2, block_s: int = 8, split_n: int = 2) -> LaunchConfig:
+    """An inference config of the flat regime with small tiles: rows of 8
+    values (several channels per tile where S < 8, a channel over several
+    tiles where S > 8), two rows per tile, two row splits."""
+    return LaunchConfig("flat", block_n, 1, block_s, split_n=split_n)

@@ -65,7 +65,9 @@ def test_candidate_space_starts_with_the_heuristic_and_has_both_regimes(device):
     assert space[0] == heuristic(_problem("forward", x))
     assert {c.regime for c in space} == {"resident", "split"}
     assert len(space) == len(set(space))
-    assert all(c.regime == "split" for c in candidates(_problem("inference", x)))
+    inference = candidates(_problem("inference", x))
+    assert inference[0] == heuristic(_problem("inference", x)) and inference[0].regime == "flat"
+    assert {c.regime for c in inference} == {"flat", "split"}
 
 
 def test_candidates_respect_thread_and_register_limits(monkeypatch):

@@ -45,7 +45,7 @@ def _problem(op, shape, dtype=torch.bfloat16, channel_inner=False):
     ("backward", (256, 512, 7, 7), torch.bfloat16, "cooperative"),
     ("forward", (32, 128, 28, 28), torch.float32, "cooperative"),
     ("forward", (256, 512, 7, 7), torch.bfloat16, "resident"),       # one program holds it
-    ("inference", (256, 512, 7, 7), torch.bfloat16, "split"),
+    ("inference", (256, 512, 7, 7), torch.bfloat16, "flat"),
 ])
 def test_heuristic_reads_a_fitting_slab_once(h100, op, shape, dtype, expected):
     assert heuristic(_problem(op, shape, dtype)).regime == expected

@@ -19,19 +19,22 @@ SCRIPT = textwrap.dedent("""
     resident = LaunchConfig("resident", 4, 2, 64, num_warps=4)
     split = LaunchConfig("split", 2, 2, 16, 2, 2, num_warps=4)
     cooperative = LaunchConfig("cooperative", 2, 2, 32, split_n=2, split_s=2, num_warps=4)
+    flat = LaunchConfig("flat", 2, 1, 64, split_n=2, num_warps=4)
     problems = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for shape, channels_last in (((4, 8, 6, 6), False), ((4, 8, 6, 6), True), ((64, 24), False)):
             r = LaunchConfig("resident", 64, 2, 1, num_warps=4) if len(shape) == 2 else resident
             for op in ("forward", "backward", "inference"):
                 c = LaunchConfig("cooperative", 32, 2, 1, split_n=2, num_warps=4) if len(shape) == 2 else cooperative
-                for config in ((r, split, c) if op != "inference" else (split,)):
+                for config in ((r, split, c) if op != "inference" else (split, flat)):
                     problems.append((op, shape, dtype, channels_last, config))
+            problems.append(("fused_inference", shape, dtype, channels_last, flat))
             problems.append(("sync", shape, dtype, channels_last, split))
             if len(shape) == 4:  # the fused epilogue's variants, both layouts and regimes
                 problems += [("fused", shape, dtype, channels_last, config) for config in (r, split, cooperative)]
     for op in ("forward", "backward", "inference"):  # 2.2e9 elements: int64 offsets
         problems.append((op, (1, 2, 1_100_000_000), torch.float16, False, split))
+    problems.append(("inference", (1, 2, 1_100_000_000), torch.float16, False, flat))
     rows = compile_variants(record_launches(problems), 90)
     print(json.dumps(rows))
 """)
@@ -48,7 +51,7 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert not failed, "\n".join(f"{r['kernel']} {r['dtype']} {r['layout']} {r['flags']}: {r['error']}"
                                  for r in failed)
     kernels = {r["kernel"] for r in rows}
-    assert len(kernels) == 11 and any(r["int64"] for r in rows)
+    assert len(kernels) == 12 and any(r["int64"] for r in rows)
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "fp64"}
     spilled = [r for r in rows if r["spill_bytes"] and r["dtype"] != "fp64"]
     assert not spilled, spilled

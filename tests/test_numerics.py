@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import tritonbn
 from tritonbn import launch, plans
 from tritonbn.autotune import override
-from reference import resident, split
+from reference import flat, resident, split
 
 
 @pytest.mark.parametrize("regime", ["resident", "split"])
@@ -71,11 +71,13 @@ def test_int64_offsets_path(device, monkeypatch):
             out += [y, xr.grad, w.grad]
         return out
 
-    with override(forward=split(), backward=split(), inference=split()):
-        expected = run()
-        monkeypatch.setattr(plans, "needs_int64", lambda *tensors: True)
-        for a, b in zip(run(), expected):
-            assert torch.equal(a, b)
+    for inference in (split(), flat()):
+        with override(forward=split(), backward=split(), inference=inference):
+            monkeypatch.setattr(plans, "needs_int64", lambda *tensors: False)
+            expected = run()
+            monkeypatch.setattr(plans, "needs_int64", lambda *tensors: True)
+            for a, b in zip(run(), expected):
+                assert torch.equal(a, b)
 
 
 def test_nonfinite_values_propagate_like_torch(device):

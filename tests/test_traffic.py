@@ -1,8 +1,8 @@
 """bench/traffic.py's byte model against the bytes the kernels really touch.
 
 The launchers run small shapes on the Triton interpreter, in every regime
-(resident and split), both layouts, forward / backward / inference and the
-fused ReLU epilogues, with every launch going through a spy that runs the
+(resident, cooperative and split; inference split and flat), both layouts,
+forward / backward / inference and the fused ReLU / residual epilogues, with every launch going through a spy that runs the
 kernel while the interpreter's loads and stores are counted: each element a
 tl.load or tl.store touches (masked-off lanes excluded; a repeated access
 counts again), attributed to the launch's tensor arguments by address. The
@@ -39,7 +39,11 @@ RESIDENT = LaunchConfig("resident", 4, 4, 32, num_warps=4)
 SPLIT = LaunchConfig("split", 2, 4, 8, split_n=2, split_s=2, num_warps=4)
 # two programs per channel block, one group (the interpreter's) taking both blocks
 COOPERATIVE = LaunchConfig("cooperative", 2, 4, 32, split_n=2, num_warps=4)
-CONFIGS = {"resident": RESIDENT, "split": SPLIT, "cooperative": COOPERATIVE}
+# channel-strided: rows of 150 values in 5 chunks of 32, each reading 4
+# channels (the last one 1: C=6); channel-inner: 100 rows of 6, two per split
+FLAT = LaunchConfig("flat", 2, 1, 32, split_n=2, num_warps=4)
+CONFIGS = {"resident": RESIDENT, "split": SPLIT, "cooperative": COOPERATIVE, "flat": FLAT}
+INFERENCE = ("split", "flat")
 
 
 class _Counter:
@@ -149,7 +153,7 @@ def _check(results) -> None:
 
 
 CASES = [(op, regime) for op in traffic.OPS for regime in CONFIGS
-         if not (op == "inference" and regime != "split")]
+         if (regime in INFERENCE if op.startswith("inference") else regime != "flat")]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

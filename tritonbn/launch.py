@@ -130,6 +130,10 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     r = x if residual is None else residual
     w = dummy if weight is None else weight
     b = dummy if bias is None else bias
+    if p.regime == "flat":
+        kernels.bn_inference_flat_kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean,
+                                                 save_invstd, **p.args)
+        return y, save_mean, save_invstd
     if not p.training:
         kernels.bn_inference_kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean, save_invstd,
                                             **p.args)

@@ -258,7 +258,7 @@ def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, .
 @dataclass(eq=False)
 class ForwardPlan:
     """Training forward (regime resident: one kernel; split: stats, merge,
-    normalize) or inference (one kernel). ``args``: the scalar and constexpr
+    normalize) or inference (one kernel, regime flat or split). ``args``: the scalar and constexpr
     keyword arguments of the kernel that writes y; ``stats_args`` /
     ``merge_args``: those of the split regime's statistics and merge kernels,
     the merge on grid ``merge_grid``."""
@@ -299,6 +299,12 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     partials made elsewhere, and no statistics kernel runs."""
     size, stride = _allocation(x, fmt)
     y_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
+    if not training and cfg.regime == "flat":
+        row_strides = [flat_row_stride(t, view) for t in (x, y_meta, x if residual is None else residual)]
+        if None not in row_strides:
+            return _flat_plan(x, y_meta, view, cfg, row_strides, weight=weight, bias=bias, eps=eps,
+                              residual=residual, relu=relu)
+        cfg = autotune.heuristic(problem("inference", view, x), allow_flat=False)
     args = dict(
         N=view.N, C=view.C, S=view.S,
         **named_strides("x", strides_in(x, view)), **named_strides("y", strides_in(y_meta, view)),
@@ -333,6 +339,38 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
                                                   store_stats=True))
     args.update(n_per_split=n_per_split, s_per_split=s_per_split)
     return plan
+
+
+def flat_row_stride(t: torch.Tensor, view: View) -> int | None:
+    """The stride between the flat regime's rows of t (kernels/inference.py:
+    a sample's C * S values channel-strided, a pixel's C channels
+    channel-inner, each run contiguous), or None where t is not such rows."""
+    stride_n, stride_c, stride_s = strides_in(t, view)
+    if not view.channel_inner:
+        return stride_n if view.C == 1 or stride_c == view.S else None
+    if view.S == 1:
+        return stride_n
+    if view.N == 1 or stride_n == view.S * stride_s:
+        return stride_s
+    return None
+
+
+def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight, bias, eps, residual,
+               relu: bool) -> ForwardPlan:
+    rows, length = (view.N * view.S, view.C) if view.channel_inner else (view.N, view.C * view.S)
+    rows_per_split = cdiv(cdiv(rows, cfg.block_n), cfg.split_n) * cfg.block_n
+    channels = 1 if view.channel_inner else min(next_power_of_2((cfg.block_s - 1) // view.S + 2),
+                                                 next_power_of_2(view.C))
+    eps_hi, eps_lo = hi_lo(eps)
+    args = dict(rows=rows, L=length, C=view.C, S=view.S, stride_xr=row_strides[0], stride_yr=row_strides[1],
+                stride_rr=row_strides[2], rows_per_split=rows_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                RELU=relu, BLOCK_R=cfg.block_n, BLOCK_F=cfg.block_s, CHANNELS=channels,
+                CHANNEL_INNER=view.channel_inner, INT64=needs_int64(x, y_meta, residual),
+                ACC_DTYPE=meta_acc_dtype(x.dtype), num_warps=cfg.num_warps)
+    grid = (cdiv(length, cfg.block_s), cdiv(rows, rows_per_split))
+    size, stride = tuple(y_meta.shape), y_meta.stride()
+    return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args)
 
 
 def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import asdict, dataclass
 
 import torch
 
 OPS = ("forward", "backward", "inference")
-REGIMES = ("resident", "cooperative", "split")
+REGIMES = ("resident", "cooperative", "split", "flat")
 
 # Largest tile a resident program may hold in registers, in elements, at 16
 # warps. Measured with python -m bench.traffic (sm_90, the launch's own
@@ -60,8 +61,9 @@ MAX_SPLITS = 1024
 # Tile elements one thread may hold without spilling registers, measured with
 # `python -m bench.kernel_report --candidates` (sm_90): the split kernels keep
 # three Welford accumulators per element (32 per thread spilled, 16 did not),
-# the resident forward holds x and x - mean, the resident backward x and dy.
-MAX_ELEMENTS_PER_THREAD = {"split": 16, "resident forward": 32, "resident backward": 16}
+# the resident forward holds x and x - mean, the resident backward x and dy;
+# the flat inference pass keeps nothing across its loop.
+MAX_ELEMENTS_PER_THREAD = {"split": 16, "flat": 32, "resident forward": 32, "resident backward": 16}
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,12 @@ class LaunchConfig:
     split_n x split_s programs of one tile each (split_n = cdiv(N, block_n),
     split_s = cdiv(S, block_s)). The launcher runs a persistent grid of at
     most one program per SM (tritonbn.plans.cooperative_grid).
+    regime "flat" (inference only) reads the tensor as rows of contiguous
+    values (kernels/inference.py: a sample's C * S values channel-strided, a
+    pixel's C channels channel-inner): tiles of block_n rows by block_s
+    values, grid (cdiv(row length, block_s), split_n), each program taking
+    an equal run of whole row tiles; block_c and split_s are 1. A tensor that
+    cannot be read as such rows takes the split regime instead.
     """
 
     regime: str
@@ -121,6 +129,12 @@ class LaunchConfig:
                 raise ValueError(f"{name} must be a power of two, got {value}")
         if self.split_n < 1 or self.split_s < 1:
             raise ValueError(f"splits must be >= 1, got ({self.split_n}, {self.split_s})")
+        if self.regime == "flat":
+            if problem.op != "inference":
+                raise ValueError(f"the flat regime is for inference only, not {problem.op}")
+            if self.block_c != 1 or self.split_s != 1:
+                raise ValueError(f"a flat config has block_c == split_s == 1, got block_c={self.block_c}, "
+                                 f"split_s={self.split_s}")
         if self.regime == "cooperative":
             if problem.op == "inference":
                 raise ValueError("inference has no cooperative regime")
@@ -265,10 +279,77 @@ def _split(problem: Problem, tile: int, target_programs: int) -> LaunchConfig:
                         num_warps=_num_warps(block_n * block_c * block_s))
 
 
-def heuristic(problem: Problem, allow_resident: bool = True) -> LaunchConfig:
+# The flat inference pass (regime "flat"): values per tile (16 per thread at
+# 8 warps: two 16-byte loads of 16-bit data in flight per thread), and the
+# registers per thread assumed when sizing its grid to one wave (bench.traffic
+# measures the kernel's own: under this, every program is resident at once).
+FLAT_TILE = 4096
+FLAT_REGISTERS = 64
+# Values of a row per tile: channel-inner, 64 channels (128 bytes of 16-bit
+# data); channel-strided, 1024 (a program keeps each position's scale and
+# shift in registers across its loop: 4096 took 53-64 registers).
+FLAT_ROW = {"channel_inner": 64, "channel_strided": 1024}
+# Most of a program's traffic its per-channel vectors (running mean and var,
+# weight, bias: 16 bytes a channel) may be; it sets the fewest rows a program
+# streams (issue 13's target: 1.05 x the minimal bytes, the saved statistics
+# included), so that small tensors are not spread thinner than that.
+FLAT_PARAMETER_SHARE = 0.045
+
+
+def flat_rows(problem: Problem) -> tuple[int, int]:
+    """(rows, values per row) of the flat regime's view of the problem."""
+    if problem.channel_inner:
+        return problem.N * problem.S, problem.C
+    return problem.N, problem.C * problem.S
+
+
+def _programs_per_sm(num_warps: int, registers: int) -> int:
+    warp = 32
+    return max(1, min(2048 // (warp * num_warps), 65536 // (registers * warp * num_warps)))
+
+
+def _flat(problem: Problem, tile: int, sms: int) -> LaunchConfig:
+    """Tiles of rows by FLAT_ROW contiguous values (on a GPU); a grid of one wave where the tensor allows (every program
+    resident from the start, each streaming an equal run of row tiles, no
+    tail), at least two where the row chunks alone pass one wave, and no
+    program streaming so few rows that its per-channel vectors pass
+    FLAT_PARAMETER_SHARE of its bytes."""
+    rows, length = flat_rows(problem)
+    width = FLAT_ROW[problem.layout] if problem.device.type == "cuda" else tile
+    block_s = min(next_power_of_2(length), width)
+    block_n = min(next_power_of_2(rows), max(1, tile // block_s))
+    num_warps = _num_warps(block_n * block_s // 2)
+    chunks, row_tiles = cdiv(length, block_s), cdiv(rows, block_n)
+    channels = block_s if problem.channel_inner else block_s // problem.S + 2
+    parameter_bytes, value_bytes = 16 * channels, 2 * problem.dtype.itemsize * block_s
+    fewest_rows = math.ceil(parameter_bytes / (FLAT_PARAMETER_SHARE * value_bytes))
+    if problem.device.type != "cuda":
+        splits = 1
+    elif chunks <= sms * _programs_per_sm(num_warps, FLAT_REGISTERS):  # one wave at most
+        splits = sms * _programs_per_sm(num_warps, FLAT_REGISTERS) // chunks
+    else:  # two waves or more, however few registers the kernel takes
+        splits = cdiv(2 * sms * _programs_per_sm(num_warps, 1), chunks)
+    splits = max(1, min(splits, row_tiles, rows // fewest_rows))
+    # fewer rows per tile (and warps) where whole tiles per program would leave
+    # SMs without a program; not below 1024 values, which keep 16 bytes per
+    # thread in flight (the grid's bytes in flight matter more than its shape)
+    while (problem.device.type == "cuda" and block_n > 1 and block_n * block_s > 1024
+           and chunks * cdiv(rows, cdiv(cdiv(rows, block_n), splits) * block_n) < sms):
+        block_n //= 2
+    return LaunchConfig("flat", block_n, 1, block_s, split_n=splits,
+                        num_warps=min(num_warps, _num_warps(block_n * block_s // 2)))
+
+
+def heuristic(problem: Problem, allow_resident: bool = True, allow_flat: bool = True) -> LaunchConfig:
     """A config from shape alone: no timing, no cache. allow_resident=False:
-    the split regime (SyncBatchNorm merges split partials across processes)."""
-    allow_resident = allow_resident and problem.op != "inference"
+    the split regime (SyncBatchNorm merges split partials across processes).
+    allow_flat=False: inference in the split regime (a tensor the flat
+    regime cannot read as rows)."""
+    if problem.op == "inference":
+        if allow_flat:
+            sms = _sm_count(problem.device.type, problem.device.index)
+            return _flat(problem, FLAT_TILE if problem.device.type == "cuda" else INTERPRETER_TILE, sms)
+        allow_resident = False
     if problem.device.type != "cuda":  # the Triton interpreter
         resident = _resident(problem, INTERPRETER_RESIDENT_LIMIT) if allow_resident else None
         return resident or _split(problem, INTERPRETER_TILE, target_programs=1)
@@ -299,20 +380,24 @@ def _fits(config: LaunchConfig, problem: Problem) -> bool:
 
 
 def _per_thread_limit(config: LaunchConfig, problem: Problem) -> int:
-    if config.regime == "split":
-        return MAX_ELEMENTS_PER_THREAD["split"]
+    if config.regime in ("split", "flat"):
+        return MAX_ELEMENTS_PER_THREAD[config.regime]
     # resident and cooperative programs hold one tile
     return MAX_ELEMENTS_PER_THREAD[f"resident {problem.op}"]
 
 
 def candidates(problem: Problem) -> list[LaunchConfig]:
     """The tuner's search space, the heuristic's choice first: the resident
-    regime at several register budgets where a channel block fits, and split
-    grids of small and large tiles filling the GPU 2 or 8 programs deep, each
+    regime at several register budgets where a channel block fits (inference:
+    flat grids of three tile sizes), and split grids of small and large tiles filling the GPU 2 or 8 programs deep, each
     with two warp counts. Deduplicated and filtered by _fits."""
     sms = _sm_count(problem.device.type, problem.device.index)
     found = [heuristic(problem)]
-    if problem.op != "inference":
+    if problem.op == "inference":
+        for tile in (2048, FLAT_TILE, 8192):
+            flat = _flat(problem, tile, sms)
+            found += [dataclasses.replace(flat, num_warps=w) for w in (4, 8)]
+    else:
         for limit in (2048, 4096, 8192, 16384):
             resident = _resident(problem, limit)
             if resident is not None:
