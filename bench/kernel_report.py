@@ -160,7 +160,8 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
                                 None, 1e-5, config=config)
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
     elif op == "inference":
-        launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config)
+        for keep in (True, False):  # with and without the saved statistics (no gradient needed)
+            launch.forward_inference(x, weight, bias, rm, rv, 1e-5, config=config, keep_stats=keep)
     elif op in ("fused", "fused_forward", "fused_backward", "fused_inference"):
         # batch_norm_relu with and without a residual; "fused" runs every direction its config serves
         residual = torch.empty_like(x)
@@ -343,7 +344,14 @@ def compile_variants(log, arch: int) -> list[dict]:
 # the columns of variant_row: together they tell any two distinct variants apart
 ROW_KEY = ["kernel", "dtype", "acc", "layout", "int64", "blocks", "warps", "flags", "consts", "pointers",
            "scalars", "eq1", "not_div16"]
-_SHOWN = {"BLOCK_N", "BLOCK_C", "BLOCK_S", "CHANNEL_INNER", "INT64", "ACC_DTYPE"}
+_SHOWN = {"BLOCK_N", "BLOCK_C", "BLOCK_S", "BLOCK_R", "BLOCK_F", "CHANNEL_INNER", "INT64", "ACC_DTYPE"}
+
+
+def tile_text(values: dict) -> str:
+    """A launch's tile: BLOCK_N x BLOCK_C x BLOCK_S, or the flat inference
+    kernel's BLOCK_R x BLOCK_F (rows by contiguous values); "-" where absent."""
+    names = ("BLOCK_R", "BLOCK_F") if "BLOCK_F" in values else ("BLOCK_N", "BLOCK_C", "BLOCK_S")
+    return "x".join(str(values.get(k, "-")) for k in names)
 
 
 def variant_row(variant: Variant) -> dict:
@@ -357,7 +365,7 @@ def variant_row(variant: Variant) -> dict:
     declared = {p.name for p in variant.fn.params if p.is_constexpr}
     # the merge and reduce kernels read partials only: no x, no N / S blocks, no layout
     # (and the reduce kernel's accumulation dtype is its partials' own)
-    blocks = "x".join(str(constexprs.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S"))
+    blocks = tile_text(constexprs)
     layout = {True: "channel_inner", False: "channel_strided"}.get(constexprs.get("CHANNEL_INNER"), "-")
     consts = [f"{k}={v}" for k, v in constexprs.items()
               if k in declared and k not in _SHOWN and not isinstance(v, bool)]

@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import torch
 
-from bench.kernel_report import Launch, Variant, bind, compile_variant, progress_bar, recording
+from bench.kernel_report import Launch, Variant, bind, compile_variant, progress_bar, recording, tile_text
 from tritonbn.autotune.config import FIT_BYTES  # a channel's slab the single-read regimes hold
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, RESNET50_BATCHES, in_layout, select_shapes
 
@@ -146,7 +146,7 @@ MODEL: dict[str, tuple[Access, ...]] = {
     ),
     "bn_inference_kernel": (
         *_per_channel("RunningMean"), *_per_channel("RunningVar"),
-        Access("SaveMean", WRITE, "C"), Access("SaveInvstd", WRITE, "C"),
+        Access("SaveMean", WRITE, "C", "STORE_STATS"), Access("SaveInvstd", WRITE, "C", "STORE_STATS"),
         *_per_channel("Weight", "HAS_WEIGHT"), *_per_channel("Bias", "HAS_BIAS"),
         Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
     ),
@@ -157,7 +157,7 @@ MODEL: dict[str, tuple[Access, ...]] = {
         Access("RunningMean", READ, "splits * flat_channels"), Access("RunningVar", READ, "splits * flat_channels"),
         Access("Weight", READ, "splits * flat_channels", "HAS_WEIGHT"),
         Access("Bias", READ, "splits * flat_channels", "HAS_BIAS"),
-        Access("SaveMean", WRITE, "C"), Access("SaveInvstd", WRITE, "C"),
+        Access("SaveMean", WRITE, "C", "STORE_STATS"), Access("SaveInvstd", WRITE, "C", "STORE_STATS"),
         Access("X", READ, VIEW), Access("R", READ, VIEW, "HAS_RESIDUAL"), Access("Y", WRITE, VIEW),
     ),
     "bn_bwd_sums_kernel": (
@@ -428,7 +428,7 @@ def kernel_row(launch: Launch, compiled: dict | None, sms: int) -> dict:
     bound = bind(launch.fn, launch.args, launch.kwargs)
     grid = grid_of(launch, bound)
     name = launch.fn.__name__
-    row = dict(kernel=name, blocks="x".join(str(bound.get(k, "-")) for k in ("BLOCK_N", "BLOCK_C", "BLOCK_S")),
+    row = dict(kernel=name, blocks=tile_text(bound),
                warps=launch.kwargs.get("num_warps", 4), stages=launch.kwargs.get("num_stages"),
                grid=grid, programs=math.prod(grid),
                **{f"bytes_{role}": 0 for role in ROLE_COLUMNS})

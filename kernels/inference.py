@@ -4,12 +4,16 @@
     scale  = weight * invstd,   shift = bias - running_mean * scale
     y      = x * scale + shift          (one FMA per element)
 
-Grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S) over the canonical (N, C, S) view
-(kernels/common.py). Each program folds its own channels' scale / shift (C is
+Two kernels. bn_inference_flat_kernel (below; regime "flat", the default)
+reads the tensor as rows of contiguous values, whatever S is.
+bn_inference_kernel (regime "split") tiles the canonical (N, C, S) view
+(kernels/common.py) on grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S), for
+tensors that are not such rows (a strided channel slice, say). Each program folds its own channels' scale / shift (C is
 tiny next to N * S, so recomputing it per program is free and saves a launch),
-then streams its share: 1 read, 1 write. The split-0 program of each channel
-block also writes save_mean = running_mean and save_invstd, which the
-eval-mode backward (dx = g * scale) reuses.
+then streams its share: 1 read, 1 write. With STORE_STATS the split-0
+program of each channel block also writes save_mean = running_mean and
+save_invstd, which the eval-mode backward (dx = g * scale) reuses; a call
+that needs no gradient skips them.
 
 The folded form rounds x * scale once, so when |running_mean| >> sqrt(running_var)
 it carries an absolute error of about eps_fp * |running_mean| * |scale|, as
@@ -35,7 +39,7 @@ def bn_inference_kernel(
     n_per_split, s_per_split,
     eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -48,9 +52,10 @@ def bn_inference_kernel(
     mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
     var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
     invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
-    if (pid_n == 0) & (pid_s == 0):  # one writer per channel
-        tl.store(SaveMean + cols, mean, mask=cmask)
-        tl.store(SaveInvstd + cols, invstd, mask=cmask)
+    if STORE_STATS:
+        if (pid_n == 0) & (pid_s == 0):  # one writer per channel
+            tl.store(SaveMean + cols, mean, mask=cmask)
+            tl.store(SaveInvstd + cols, invstd, mask=cmask)
 
     scale = invstd
     if HAS_WEIGHT:
@@ -88,7 +93,7 @@ def bn_inference_flat_kernel(
     rows_per_split,
     eps_hi, eps_lo,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, STORE_STATS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, CHANNELS: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -106,9 +111,9 @@ def bn_inference_flat_kernel(
     It folds scale and shift once, for the CHANNELS channels its positions
     touch (channel-strided: a [CHANNELS] vector spread to the positions with
     tl.gather, so the per-channel values are read once per program, not once
-    per position), then streams its rows: 1 read, 1 write. The row-0
-    programs write save_mean and save_invstd of the channels that start in
-    their positions, each channel exactly once.
+    per position), then streams its rows: 1 read, 1 write. With STORE_STATS
+    the row-0 programs write save_mean and save_invstd of the channels that
+    start in their positions, each channel exactly once.
     """
     pid_f = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -130,9 +135,10 @@ def bn_inference_flat_kernel(
     mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
     var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
     invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
-    if pid_r == 0:  # one writer per channel
-        tl.store(SaveMean + cols, mean, mask=first)
-        tl.store(SaveInvstd + cols, invstd, mask=first)
+    if STORE_STATS:
+        if pid_r == 0:  # one writer per channel
+            tl.store(SaveMean + cols, mean, mask=first)
+            tl.store(SaveInvstd + cols, invstd, mask=first)
     scale = invstd
     if HAS_WEIGHT:
         scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)

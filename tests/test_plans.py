@@ -116,6 +116,44 @@ def test_no_grad_fast_path_updates_running_stats_once_and_bumps_versions(device,
     assert built["forward"] == 1
 
 
+@pytest.mark.parametrize("regime", ["flat", "split"])
+def test_no_grad_eval_skips_the_saved_statistics(device, built, monkeypatch, regime):
+    """A repeated eval call that needs no gradient launches the inference
+    kernel without save_mean / save_invstd (nothing would read them); one that
+    needs a gradient writes them, and the eval-mode backward reads them. The
+    outputs are the same bit for bit."""
+    from tritonbn import kernels
+    name = "bn_inference_flat_kernel" if regime == "flat" else "bn_inference_kernel"
+    stored = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                stored.append(kwargs["STORE_STATS"])
+                return self.kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(kernels, name, Spy(getattr(kernels, name)))
+    x = torch.randn(4, 3, 7, device=device)
+    weight = torch.rand(3, device=device, requires_grad=True)
+    running_mean, running_var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    # a non-contiguous channel slice takes the split kernel
+    x = x if regime == "flat" else torch.randn(4, 6, 7, device=device)[:, ::2]
+    with torch.no_grad():
+        quiet = [tritonbn.batch_norm(x, running_mean, running_var, weight, None, False) for _ in range(2)]
+    assert stored == [True, False], "the first call builds the plan through the op, the second is planned"
+    leaf = x.clone().requires_grad_() if regime == "flat" else x.detach().requires_grad_()
+    loud = tritonbn.batch_norm(leaf, running_mean, running_var, weight, None, False)
+    assert stored[-1] is True
+    assert torch.equal(quiet[0], quiet[1]) and torch.equal(quiet[1], loud)
+    (dx,) = torch.autograd.grad(loud, leaf, torch.ones_like(loud))
+    scale = weight.detach() / torch.sqrt(running_var + 1e-5)
+    torch.testing.assert_close(dx, scale.view(1, 3, 1).expand_as(dx), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", ["channels", "device", "dtype", "one value per channel", "eps", "rank"])
 def test_bad_input_is_rejected_every_time(device, built, bad):
     """A good call caches its plan; a bad one, asked twice, raises torch's error

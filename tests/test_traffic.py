@@ -180,6 +180,20 @@ def test_model_matches_interpreter_cumulative_average(counted, config):
     assert reads == 8 * 2  # two channel blocks
 
 
+@pytest.mark.parametrize("regime", INFERENCE)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_model_matches_interpreter_without_saved_statistics(counted, regime, layout):
+    """Inference that needs no gradient writes neither save_mean nor save_invstd."""
+    x = _input(torch.bfloat16, layout)
+    C = x.shape[1]
+    params = [torch.randn(C), torch.randn(C), torch.randn(C), torch.rand(C) + 0.5]
+    results = counted(lambda: launcher.forward_inference(x, *params, 1e-5, config=CONFIGS[regime],
+                                                         keep_stats=False))
+    _check(results)
+    (launch, measured), = results
+    assert [label for label, mode in measured if mode == traffic.WRITE] == ["Y"], measured
+
+
 def test_model_matches_interpreter_sync_batch_norm(counted):
     """SyncBatchNorm's launches: local partials, the merge kernel, statistics
     from gathered partials, the backward's local sums and dx from means."""

@@ -92,17 +92,19 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
 
 def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
                       config: LaunchConfig | None = None, *, residual: torch.Tensor | None = None,
-                      relu: bool = False):
+                      relu: bool = False, keep_stats: bool = True):
     """y = x * scale + shift from the running stats (then + residual, ReLU).
     Returns (y, mean, invstd) with mean = running_mean and invstd =
-    1 / sqrt(running_var + eps) in the statistics dtype, for the eval-mode backward."""
+    1 / sqrt(running_var + eps) in the statistics dtype, for the eval-mode
+    backward; keep_stats=False: (y, None, None)."""
     key = None
     if config is None:
         key = plans.with_source("inference", plans.forward_key(
             x, weight, bias, running_mean, running_var, None, False, None, eps, residual, relu))
         found = key and plans.lookup(key)
         if found:
-            return run_forward(found, x, weight, bias, running_mean, running_var, None, residual)
+            return run_forward(found, x, weight, bias, running_mean, running_var, None, residual,
+                               keep_stats=keep_stats)
     given = (x, weight, bias, running_mean, running_var, residual)
     x, view, fmt = plans.canonical(x)
     weight, bias, running_mean, running_var = (dense(t) for t in (weight, bias, running_mean, running_var))
@@ -115,15 +117,24 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
     found = build(cfg)
     if _cacheable(x, key, *zip(given, (x, weight, bias, running_mean, running_var, residual))):
         plans.remember(key, found)
-    return run_forward(found, *tensors)
+    return run_forward(found, *tensors, keep_stats=keep_stats)
 
 
 def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                residual, partials=None):
+                residual, partials=None, keep_stats: bool = True):
     """Allocate (y, save_mean, save_invstd) and launch plan p. partials given
-    (SyncBatchNorm, split regime): the statistics are merged from them."""
+    (SyncBatchNorm, split regime): the statistics are merged from them.
+    keep_stats=False (inference that needs no gradient): (y, None, None),
+    neither allocated nor written."""
     device = x.device
     y = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device)
+    if not (keep_stats or p.training):
+        w = x if weight is None else weight
+        b = x if bias is None else bias
+        kernel = kernels.bn_inference_flat_kernel if p.regime == "flat" else kernels.bn_inference_kernel
+        kernel[p.grid](x, y, x if residual is None else residual, w, b, running_mean, running_var, x, x,
+                       **p.stats_free_args)
+        return y, None, None
     save_mean = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
     save_invstd = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
     dummy = save_mean

@@ -421,7 +421,7 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
         return _apply_planned(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                               momentum, eps, residual, relu, plan)[0]
     y, _, _ = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                 residual)
+                                 residual, keep_stats=training)
     if training:
         mark_updated(running_mean, running_var)
     return y

@@ -277,6 +277,7 @@ class ForwardPlan:
     num_splits: int = 1
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
     num_flags: int = 0            # the cooperative regime's int32 flags (arrivals, merged) per channel block
+    stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
@@ -318,7 +319,9 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride, stats_dtype, grid, args)
     eps_hi, eps_lo = hi_lo(eps)
     if not training:
-        args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo)
+        args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
+                    STORE_STATS=True)
+        plan.stats_free_args = dict(args, STORE_STATS=False)
         return plan
     if cfg.regime in ("resident", "cooperative"):
         momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
@@ -365,12 +368,13 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
     args = dict(rows=rows, L=length, C=view.C, S=view.S, stride_xr=row_strides[0], stride_yr=row_strides[1],
                 stride_rr=row_strides[2], rows_per_split=rows_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
                 HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                RELU=relu, BLOCK_R=cfg.block_n, BLOCK_F=cfg.block_s, CHANNELS=channels,
+                RELU=relu, STORE_STATS=True, BLOCK_R=cfg.block_n, BLOCK_F=cfg.block_s, CHANNELS=channels,
                 CHANNEL_INNER=view.channel_inner, INT64=needs_int64(x, y_meta, residual),
                 ACC_DTYPE=meta_acc_dtype(x.dtype), num_warps=cfg.num_warps)
     grid = (cdiv(length, cfg.block_s), cdiv(rows, rows_per_split))
     size, stride = tuple(y_meta.shape), y_meta.stride()
-    return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args)
+    return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args,
+                       stats_free_args=dict(args, STORE_STATS=False))
 
 
 def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device) -> None:
