@@ -29,14 +29,16 @@ split     ``bn_bwd_sums_kernel``, grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S),
           mode without weight/bias gradients skips the sums entirely.
 cooperative  ``bn_bwd_coop_kernel``, grid (GROUP, groups): a channel block's
           x and dy held by GROUP programs that exchange partial sums, as
-          forward.bn_fwd_coop_kernel does (PHASE 0 on a GPU; 1 then 2 under
-          the interpreter). 2 reads, 1 write, 1 launch.
+          forward.bn_fwd_coop_kernel does (PHASE 0 on a GPU, shares handed
+          to the merger after a long wait; 1 then 2 under the interpreter).
+          2 reads, 1 write, 1 launch.
 """
 import triton
 import triton.language as tl
 
 from .common import (
-    affine, arrive, load_channel, load_grad, raise_flag, relu_mask_from_x, split_range, tile_offsets, wait_flag,
+    HANDED_OVER, affine, arrive, claim_shares, load_channel, load_grad, raise_flag, relu_mask_from_x, split_range,
+    tile_offsets, wait_or_hand_over,
 )
 
 
@@ -277,11 +279,60 @@ def bn_bwd_resident_kernel(
 
 
 @triton.jit
+def _share_inputs(
+    X, DY, Y, Mean, n0, s0, cols, cmask, mean, scale, bias, N, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    stride_yn, stride_yc, stride_ys,
+    NEED_X: tl.constexpr, RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """(mask, g, x - mean) of the cooperative share at (n0, s0): g after the
+    fused ReLU's mask, x - mean 0 where masked (g itself where x is not read)."""
+    offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+    g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
+                  stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+    xmu = g
+    if NEED_X:
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if RELU_FROM_X:
+            g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
+                                          X.dtype.element_ty), g, 0.0)
+        xmu = tl.where(mask, x - mean[None, :, None], 0.0)
+    return mask, g, xmu
+
+
+@triton.jit
+def _gradients_of_share(
+    g, xmu, DX, DR, Totals, n0, s0, cols, cmask, mask, scale, invstd, count, N, S, C,
+    stride_dxn, stride_dxc, stride_dxs,
+    TRAINING: tl.constexpr, COMPUTE_DX: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dx (and the residual's gradient) of the cooperative share at (n0, s0),
+    training with the totals the channel block's merger wrote (read from L2)."""
+    dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
+                              BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+    if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
+        tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
+    if COMPUTE_DX:
+        if TRAINING:
+            g_shift, xmu_coef = dx_coefficients(Totals, C, cols, cmask, scale, invstd, count, ".cg", ACC_DTYPE)
+            dx = scale[None, :, None] * (g - g_shift) - xmu * xmu_coef
+        else:
+            dx = scale[None, :, None] * g
+        tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def bn_bwd_coop_kernel(
     X, DY, DX, Y, DR, Weight, Bias, Mean, Invstd, DWeight, DBias,  # as in bn_bwd_resident_kernel
     Partials,           # [2, GROUP, C] sum g, sum g * xhat of each program's share of a channel
     Totals,             # [2, C] their sums, written by each channel block's last program
-    Flags,              # [2, cdiv(C, BLOCK_C)] int32 zeros: arrivals, then "summed", per channel block
+    Flags,              # int32 zeros: [2, blocks] arrivals, "summed"; [blocks, GROUP] share states
     N, C, S,
     s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
     stride_xn, stride_xc, stride_xs,
@@ -289,18 +340,24 @@ def bn_bwd_coop_kernel(
     stride_dxn, stride_dxc, stride_dxs,
     stride_yn, stride_yc, stride_ys,
     count,              # m = N * S, as a float
+    spin_limit,         # polls of the summed flag before a share is handed to the merger
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
-    GROUP: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Program (member, group) holds tile (member // s_parts, member % s_parts)
     of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
     partial sums and their total only; 2: the elementwise gradients only.
-    Without sums to take (eval mode, no dweight / dbias) it only runs PHASE 0."""
+    Without sums to take (eval mode, no dweight / dbias) it only runs PHASE 0.
+    In PHASE 0 the merger also finishes the shares handed over to it
+    (kernels/common.py: wait_or_hand_over), reading their x and dy again,
+    [PIECE_N, BLOCK_C, PIECE_S] at a time."""
     HAS_SUMS: tl.constexpr = TRAINING or STORE_DWEIGHT or STORE_DBIAS
+    NEED_X: tl.constexpr = HAS_SUMS or RELU_FROM_X
     member = tl.program_id(0)
     num_blocks = tl.cdiv(C, BLOCK_C)
     n0 = member // s_parts * BLOCK_N
@@ -308,40 +365,49 @@ def bn_bwd_coop_kernel(
     for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                  BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
-        g = load_grad(DY, Y, n0, s0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
-                      stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+        shares = Flags + 2 * num_blocks + block * GROUP
         mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
         invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
         scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
-        if HAS_SUMS or RELU_FROM_X:
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            if RELU_FROM_X:
-                g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
-                                              X.dtype.element_ty), g, 0.0)
-            xmu = tl.where(mask, x - mean[None, :, None], 0.0)
+        mask, g, xmu = _share_inputs(X, DY, Y, Mean, n0, s0, cols, cmask, mean, scale, bias, N, S,
+                                     stride_xn, stride_xc, stride_xs, stride_gn, stride_gc, stride_gs,
+                                     stride_yn, stride_yc, stride_ys, NEED_X, RELU, RELU_FROM_X,
+                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
         if HAS_SUMS and PHASE != 2:
             base = member * C + cols
             tl.store(Partials + base, tl.sum(tl.sum(g, 2), 0), mask=cmask)
             tl.store(Partials + GROUP * C + base, tl.sum(tl.sum(g * xmu, 2), 0) * invstd, mask=cmask)
-            if arrive(Flags + block) == GROUP - 1:
+            arrived = arrive(Flags + block)
+            if arrived == GROUP - 1:
                 sum_g, sum_g_xhat = sum_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
                 store_sums(DWeight, DBias, Totals, C, cols, cmask, sum_g, sum_g_xhat,
                            STORE_DWEIGHT, STORE_DBIAS, True)
                 raise_flag(Flags + num_blocks + block)
+        go = True
         if HAS_SUMS and PHASE == 0:
-            wait_flag(Flags + num_blocks + block)
+            go = arrived == GROUP - 1
+            if arrived != GROUP - 1:
+                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, spin_limit)
         if PHASE != 1:
-            dx_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_dxn, stride_dxc, stride_dxs,
-                                      BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
-            if STORE_DRESIDUAL:  # never with RELU_FROM_X: a residual's mask is read from y
-                tl.store(DR + dx_offs, g.to(DR.dtype.element_ty), mask=mask)
-            if COMPUTE_DX:
-                if TRAINING:
-                    g_shift, xmu_coef = dx_coefficients(Totals, C, cols, cmask, scale, invstd, count, ".cg",
-                                                        ACC_DTYPE)
-                    dx = scale[None, :, None] * (g - g_shift) - xmu * xmu_coef
-                else:
-                    dx = scale[None, :, None] * g
-                tl.store(DX + dx_offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if go:
+                _gradients_of_share(g, xmu, DX, DR, Totals, n0, s0, cols, cmask, mask, scale, invstd, count,
+                                    N, S, C, stride_dxn, stride_dxc, stride_dxs, TRAINING, COMPUTE_DX,
+                                    STORE_DRESIDUAL, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+        if HAS_SUMS and PHASE == 0:
+            if arrived == GROUP - 1:
+                if claim_shares(shares, member, GROUP, MEMBERS) > 0:
+                    for other in range(GROUP):  # the shares handed over, read again in small pieces
+                        if tl.load(shares + other, cache_modifier=".cg") == HANDED_OVER:
+                            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
+                                piece_n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
+                                piece_s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
+                                piece_mask, piece_g, piece_xmu = _share_inputs(
+                                    X, DY, Y, Mean, piece_n, piece_s, cols, cmask, mean, scale, bias, N, S,
+                                    stride_xn, stride_xc, stride_xs, stride_gn, stride_gc, stride_gs,
+                                    stride_yn, stride_yc, stride_ys, NEED_X, RELU, RELU_FROM_X,
+                                    PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+                                _gradients_of_share(piece_g, piece_xmu, DX, DR, Totals, piece_n, piece_s, cols,
+                                                    cmask, piece_mask, scale, invstd, count, N, S, C,
+                                                    stride_dxn, stride_dxc, stride_dxs, TRAINING, COMPUTE_DX,
+                                                    STORE_DRESIDUAL, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC,
+                                                    ACC_DTYPE)

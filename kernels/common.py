@@ -229,10 +229,19 @@ def store_channel_stats(
 # share in registers. Each stores its partial statistics, then arrives at the
 # channel block's counter; the last to arrive merges the partials in a fixed
 # order, writes the block's statistics and raises its flag; the others wait
-# for the flag and read those statistics. All programs of the grid are
-# co-resident (the launcher keeps the grid within one program per SM), so a
-# wait always ends. Data written by other programs is read with ``.cg``
-# (from L2, never a stale L1 line).
+# for the flag and read those statistics. The launcher keeps the grid within
+# one program per SM, so all its programs are normally resident at once and
+# a wait ends within microseconds. Where they are not (a GPU shared with
+# other work, fewer SMs than the device reports), a wait gives up after
+# spin_limit polls and the program hands its share to the merger (wait_or_hand_over,
+# claim_shares): the merger then reads that share again from memory and
+# finishes it with the same statistics, so results do not change and no
+# program waits for one that cannot start. Data written by other programs is
+# read with ``.cg`` (from L2, never a stale L1 line).
+#
+# Share states, one int32 per (channel block, member), zero at launch:
+HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
+CLAIMED = tl.constexpr(2)      # the merger came first: the member's wait ends with the flag up
 
 @triton.jit
 def arrive(Arrived):
@@ -252,9 +261,35 @@ def raise_flag(Done):
 
 
 @triton.jit
-def wait_flag(Done):
-    """Spin until raise_flag(Done) (acquire), then let every thread go on."""
+def wait_or_hand_over(Done, State, spin_limit):
+    """Poll Done (acquire) up to spin_limit times after the first. True: the
+    flag is up and the statistics are readable. False: this program handed
+    its share over (State 0 -> HANDED_OVER) and must skip it; the merger,
+    which claims every share after raising the flag, finishes it. If the
+    merger claimed this share first (State was CLAIMED), the flag is up: True."""
     seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+    spins = spin_limit
     while seen == 0:
-        seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+        if spins > 0:
+            seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+            spins -= 1
+        else:
+            seen = -1  # given up
+    go = seen > 0
+    if seen < 0:
+        go = tl.atomic_cas(State, 0, HANDED_OVER, sem="acq_rel", scope="gpu") == CLAIMED
     tl.debug_barrier()
+    return go
+
+
+@triton.jit
+def claim_shares(State, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
+    """The merger, after raising the flag: claim every share still pending
+    (0 -> CLAIMED), one atomic per member at once (MEMBERS: GROUP rounded up
+    to a power of two). Returns how many were handed over (those the merger
+    must finish: State == HANDED_OVER)."""
+    others = tl.arange(0, MEMBERS)
+    others = tl.where(others < GROUP, others, member)  # lanes past GROUP: the merger's own slot, unused
+    before = tl.atomic_cas(State + others, tl.zeros_like(others), tl.full(others.shape, CLAIMED, tl.int32),
+                           sem="acq_rel", scope="gpu")
+    return tl.sum((before == HANDED_OVER).to(tl.int32), 0)

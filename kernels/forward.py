@@ -11,9 +11,11 @@ resident  grid (cdiv(C, BLOCK_C),). A program holds its channels' m values in
           Limit: the whole channel block must fit one tile.
 cooperative  ``bn_fwd_coop_kernel``, grid (GROUP, groups): a channel block's
           slab held by GROUP programs, BLOCK_N images each (BLOCK_S >= S),
-          that exchange Welford partials (common.arrive / wait_flag); a
-          persistent grid of at most one program per SM, each group taking
-          channel blocks in turn. 1 read, 1 write, 1 launch. Under the
+          that exchange Welford partials (common.arrive /
+          wait_or_hand_over); a persistent grid of at most one program per
+          SM, each group taking channel blocks in turn. 1 read, 1 write, 1
+          launch. A program that waits too long hands its share to the
+          merger, which reads it again (no wait can last forever). Under the
           interpreter (programs run one after another) the launcher runs it
           in two launches, PHASE 1 (partials, merge) then PHASE 2 (normalize,
           reading x again); on a GPU PHASE 0 does both with x kept on chip.
@@ -38,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    affine, arrive, epilogue, load_channel, raise_flag, split_range, store_channel_stats, tile_offsets,
-    tile_statistics, wait_flag, welford_combine, welford_merge,
+    HANDED_OVER, affine, arrive, claim_shares, epilogue, load_channel, raise_flag, split_range,
+    store_channel_stats, tile_offsets, tile_statistics, wait_or_hand_over, welford_combine, welford_merge,
 )
 
 
@@ -262,28 +264,56 @@ def bn_fwd_merge_kernel(
 
 
 @triton.jit
+def _normalize_share(
+    x, Y, R, Weight, Bias, SaveMean, SaveInvstd, n0, s0, cols, cmask, mask, N, S,
+    stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """y of the cooperative share at (n0, s0), x in hand, from the statistics
+    the channel block's merger wrote (read from L2)."""
+    mean = tl.load(SaveMean + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    invstd = tl.load(SaveInvstd + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    # one fma, as in bn_fwd_normalize_kernel: the backward's recomputed ReLU mask relies on it
+    y = tl.fma(x - mean[None, :, None], scale[None, :, None], bias[None, :, None])
+    y = epilogue(y, R, n0, s0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
+                 HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+    y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
+                             BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
+    tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def bn_fwd_coop_kernel(
     X, Y, R, Weight, Bias,      # as in bn_fwd_resident_kernel
     RunningMean, RunningVar, NumBatchesTracked,
     SaveMean, SaveInvstd,       # [C] written by each channel block's last program, read by the others
     Partials,           # [3, GROUP, C] count, mean, m2 of each program's share of a channel
-    Flags,              # [2, cdiv(C, BLOCK_C)] int32 zeros: arrivals, then "merged", per channel block
+    Flags,              # int32 zeros: [2, blocks] arrivals, "merged"; [blocks, GROUP] share states
     N, C, S,
     s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
     stride_xn, stride_xc, stride_xs,
     stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     momentum_hi, momentum_lo, eps_hi, eps_lo,
+    spin_limit,         # polls of the merged flag before a share is handed to the merger
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    GROUP: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """Program (member, group) holds tile (member // s_parts, member % s_parts)
     of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
-    partials and the merge only; 2: the normalization only."""
+    partials and the merge only; 2: the normalization only. In PHASE 0 the
+    merger also finishes the shares handed over to it (kernels/common.py:
+    wait_or_hand_over), reading their x again, [PIECE_N, BLOCK_C, PIECE_S] at a
+    time (few registers on a rarely taken path)."""
     member = tl.program_id(0)
     num_blocks = tl.cdiv(C, BLOCK_C)
     n0 = member // s_parts * BLOCK_N
@@ -291,6 +321,7 @@ def bn_fwd_coop_kernel(
     for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
+        shares = Flags + 2 * num_blocks + block * GROUP
         offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                   BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -301,22 +332,37 @@ def bn_fwd_coop_kernel(
             tl.store(Partials + base, count, mask=cmask)
             tl.store(Partials + GROUP * C + base, share_mean, mask=cmask)
             tl.store(Partials + 2 * GROUP * C + base, share_m2, mask=cmask)
-            if arrive(Flags + block) == GROUP - 1:
+            arrived = arrive(Flags + block)
+            if arrived == GROUP - 1:
                 total, mean, m2 = merge_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
                 store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
                                     cols, cmask, total, mean, m2, momentum_hi, momentum_lo, eps_hi, eps_lo,
                                     UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
                 raise_flag(Flags + num_blocks + block)
+        go = True
         if PHASE == 0:
-            wait_flag(Flags + num_blocks + block)
+            go = arrived == GROUP - 1
+            if arrived != GROUP - 1:
+                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, spin_limit)
         if PHASE != 1:
-            mean = tl.load(SaveMean + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-            invstd = tl.load(SaveInvstd + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-            scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
-            # one fma, as in bn_fwd_normalize_kernel: the backward's recomputed ReLU mask relies on it
-            y = tl.fma(x - mean[None, :, None], scale[None, :, None], bias[None, :, None])
-            y = epilogue(y, R, n0, s0, cols, cmask, mask, N, S, stride_rn, stride_rc, stride_rs,
-                         HAS_RESIDUAL, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
-            y_offs, _ = tile_offsets(n0, s0, cols, cmask, N, S, stride_yn, stride_yc, stride_ys,
-                                     BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
-            tl.store(Y + y_offs, y.to(Y.dtype.element_ty), mask=mask)
+            if go:
+                _normalize_share(x, Y, R, Weight, Bias, SaveMean, SaveInvstd, n0, s0, cols, cmask, mask, N, S,
+                                 stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
+                                 HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU,
+                                 BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+        if PHASE == 0:
+            if arrived == GROUP - 1:
+                if claim_shares(shares, member, GROUP, MEMBERS) > 0:
+                    for other in range(GROUP):  # the shares handed over, read again in small pieces
+                        if tl.load(shares + other, cache_modifier=".cg") == HANDED_OVER:
+                            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
+                                piece_n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
+                                piece_s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
+                                piece_offs, piece_mask = tile_offsets(
+                                    piece_n, piece_s, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                    PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC)
+                                piece_x = tl.load(X + piece_offs, mask=piece_mask, other=0.0).to(ACC_DTYPE)
+                                _normalize_share(piece_x, Y, R, Weight, Bias, SaveMean, SaveInvstd, piece_n, piece_s,
+                                                 cols, cmask, piece_mask, N, S, stride_yn, stride_yc, stride_ys,
+                                                 stride_rn, stride_rc, stride_rs, HAS_WEIGHT, HAS_BIAS,
+                                                 HAS_RESIDUAL, RELU, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)

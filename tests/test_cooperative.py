@@ -1,18 +1,23 @@
 """The cooperative regime: a channel block's slab over a group of programs that
-exchange partials (kernels/common.py: arrive, raise_flag, wait_flag).
+exchange partials (kernels/common.py: arrive, raise_flag, wait_or_hand_over).
 
 Its results in every layout, dtype and fused epilogue are checked with the
 other regimes (test_batch_norm, test_fused, test_gradcheck, test_traffic
 force it). Here: when the heuristic picks it, what a config must satisfy,
-the grid it runs on, and the interpreter's two-launch form of it. The wait
-between programs only runs on a GPU (the interpreter runs programs one after
-another); test_cuda runs it there.
+the grid it runs on, the interpreter's two-launch form of it, and the GPU's
+one-launch form run on the interpreter: there every wait gives up (programs
+run one after another) and hands its share to the merger, which finishes
+it. A wait that ends with the flag up only happens on a GPU; test_cuda runs
+it there.
 """
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from tritonbn import kernels, launch, plans
+from tritonbn.kernels.common import claim_shares, wait_or_hand_over
 from tritonbn.autotune import LaunchConfig, Problem, heuristic
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import in_layout, suite
@@ -176,3 +181,90 @@ def test_results_are_bitwise_reproducible_and_the_regimes_agree(monkeypatch):
     other = launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=split)
     for a, b in zip(first, other):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _single_launch(monkeypatch, spin_limit, pieces):
+    """Run the cooperative kernels as on a GPU (PHASE 0, one launch) under the
+    interpreter: its programs run one after another, so every program but a
+    block's last gives up waiting after spin_limit polls and hands its share
+    over; the last merges, then finishes those shares (pieces: their size,
+    or None for the launcher's)."""
+    monkeypatch.setattr(plans, "cooperative_phases", lambda: (0,))
+    monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", spin_limit)
+    if pieces is not None:
+        monkeypatch.setattr(plans, "hand_over_piece", lambda cfg, itemsize: pieces)
+    plans.clear()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("spin_limit,pieces", [(0, None), (3, dict(PIECE_N=1, PIECE_S=4))])
+def test_single_launch_with_shares_handed_over_equals_two_phases(monkeypatch, layout, spin_limit, pieces):
+    """PHASE 0, the GPU's form, on the interpreter, with every wait given up:
+    the forward (running stats, residual + ReLU) and the training and eval
+    backward (ReLU mask recomputed from x, from y; parameter gradients) give
+    what the two-launch form gives, bit for bit, with two groups taking
+    channel blocks in turn, the handed-over shares finished whole or in
+    pieces of 1 x 4 (masked tails); and a second run gives the same again
+    (the share states start from zero each call)."""
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
+    x = in_layout(torch.randn(6, 5, 3, 3, dtype=torch.float32) * 2 + 1, layout)
+    residual, grad, y_relu = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x).relu()
+    weight, bias = torch.rand(5) + 0.5, torch.randn(5)
+    cfg = cooperative(x, block_n=2, block_c=2, block_s=16)  # groups of 3, 3 channel blocks
+
+    def run():
+        log = _launches(monkeypatch)
+        running = [torch.zeros(5), torch.ones(5)]
+        outputs = list(launch.forward_training(x, weight, bias, *running, None, 0.1, 1e-5, config=cfg,
+                                               residual=residual, relu=True))
+        mean, invstd = outputs[1], outputs[2]
+        for training, kwargs in ((True, dict(relu_from_input=True, bias=bias)), (True, dict(output=y_relu)),
+                                 (False, dict(output=y_relu, residual_grad=True))):
+            outputs += launch.backward(grad, x, weight, mean, invstd, training, (True, True, True), bias.dtype,
+                                       config=cfg, **kwargs)
+        monkeypatch.undo()
+        return outputs + running, log
+
+    expected, two = run()
+    assert {phase for _, _, phase, _ in two} == {1, 2}
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
+    _single_launch(monkeypatch, spin_limit, pieces)
+    for _ in range(2):
+        got, one = run()
+        _single_launch(monkeypatch, spin_limit, pieces)
+        monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
+        assert {phase for _, _, phase, _ in one} == {0} and {grid for _, grid, _, _ in one} == {(3, 2)}
+        for a, b in zip(got, expected):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@triton.jit
+def _wait_kernel(Done, State, Out, spin_limit):
+    tl.store(Out, wait_or_hand_over(Done, State, spin_limit).to(tl.int32))
+
+
+@triton.jit
+def _claim_kernel(State, Out, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
+    tl.store(Out, claim_shares(State, member, GROUP, MEMBERS))
+
+
+@pytest.mark.parametrize("done,state,go,after", [
+    (1, 0, 1, 0),  # the flag is up: go on, the share stays this program's
+    (0, 0, 0, 1),  # no flag within the polls: hand the share over
+    (0, 2, 1, 2),  # the merger claimed it first (its flag is then up): go on
+])
+def test_wait_or_hand_over(done, state, go, after):
+    flags = torch.tensor([done, state], dtype=torch.int32)
+    out = torch.zeros(1, dtype=torch.int32)
+    _wait_kernel[(1,)](flags, flags[1:], out, 5)
+    assert (out.item(), flags[1].item()) == (go, after)
+
+
+def test_claim_shares_counts_the_shares_handed_over():
+    """Members 1 and 3 of 5 handed over, member 4 was claimed already; the
+    merger (member 2) claims the pending ones, its own slot included."""
+    state = torch.tensor([0, 1, 0, 1, 2], dtype=torch.int32)
+    out = torch.zeros(1, dtype=torch.int32)
+    _claim_kernel[(1,)](state, out, 2, GROUP=5, MEMBERS=8)
+    assert out.item() == 2
+    assert state.tolist() == [2, 1, 2, 1, 2]

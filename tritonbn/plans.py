@@ -276,7 +276,7 @@ class ForwardPlan:
     merge_args: dict = field(default_factory=dict)
     num_splits: int = 1
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
-    num_flags: int = 0            # the cooperative regime's int32 flags (arrivals, merged) per channel block
+    num_flags: int = 0            # the cooperative regime's int32 flags: arrivals, merged, share states
     stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
 
 
@@ -329,7 +329,7 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
                     UPDATE_RUNNING=update, CUMULATIVE_AVERAGE=momentum is None)
         plan.grid = (grid[0],)
         if cfg.regime == "cooperative":
-            _cooperative(plan, view, cfg, x.device)
+            _cooperative(plan, view, cfg, x.device, x.element_size())
         return plan
     if num_splits is None:
         num_splits = grid[1] * grid[2]
@@ -377,13 +377,30 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
                        stats_free_args=dict(args, STORE_STATS=False))
 
 
-def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device) -> None:
+# Polls of a channel block's flag before a cooperative program hands its share
+# to the merger (kernels/common.py: wait_or_hand_over): about 10 ms of L2
+# round trips, where a co-resident group's wait takes microseconds.
+COOPERATIVE_SPIN_LIMIT = 1 << 14
+
+
+def hand_over_piece(cfg: LaunchConfig, itemsize: int) -> dict:
+    """PIECE_N, PIECE_S: the [PIECE_N, block_c, PIECE_S] pieces in which a
+    cooperative merger finishes a share handed over to it, 16 bytes per
+    thread: loads as wide as the share's own, few registers."""
+    values = cfg.num_warps * 32 * 16 // itemsize
+    piece_s = min(cfg.block_s, max(1, values // cfg.block_c))
+    return dict(PIECE_N=min(cfg.block_n, max(1, values // (cfg.block_c * piece_s))), PIECE_S=piece_s)
+
+
+def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device, itemsize: int) -> None:
     plan.grid = cooperative_grid(view, cfg, device)
-    plan.num_splits = plan.grid[0]
-    plan.num_flags = 2 * cdiv(view.C, cfg.block_c)
+    plan.num_splits = group = plan.grid[0]
+    blocks = cdiv(view.C, cfg.block_c)
+    plan.num_flags = (2 + group) * blocks  # arrivals and flags, then each member's share state
     plan.phases = cooperative_phases()
-    plan.args.update(GROUP=plan.num_splits, s_parts=cfg.split_s,
-                     SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c))
+    plan.args.update(GROUP=group, MEMBERS=next_power_of_2(group), s_parts=cfg.split_s,
+                     SPLIT_BLOCK=split_block(group, cfg.block_c), spin_limit=COOPERATIVE_SPIN_LIMIT,
+                     **hand_over_piece(cfg, itemsize))
 
 
 @dataclass(eq=False)
@@ -451,7 +468,7 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
         args.update(STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db)
         plan.grid = (grid[0],)
         if cfg.regime == "cooperative":
-            _cooperative(plan, view, cfg, x.device)
+            _cooperative(plan, view, cfg, x.device, x.element_size())
             args.update(count=float(view.N * view.S))
             if not has_sums:  # nothing to wait for: one launch anywhere
                 plan.phases = (0,)
