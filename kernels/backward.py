@@ -328,6 +328,37 @@ def _gradients_of_share(
 
 
 @triton.jit
+def _finish_shares(
+    Shares, X, DY, DX, Y, DR, Mean, Totals, cols, cmask, mean, scale, bias, invstd, count, s_parts, N, S, C,
+    stride_xn, stride_xc, stride_xs,
+    stride_gn, stride_gc, stride_gs,
+    stride_dxn, stride_dxc, stride_dxs,
+    stride_yn, stride_yc, stride_ys,
+    TRAINING: tl.constexpr, COMPUTE_DX: tl.constexpr, STORE_DRESIDUAL: tl.constexpr, NEED_X: tl.constexpr,
+    RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The merger's part of a hand-over: the gradients of every share handed
+    over to it (Shares[m] == HANDED_OVER), reading its x and dy again
+    [PIECE_N, BLOCK_C, PIECE_S] at a time (few registers on a rarely taken
+    path)."""
+    for other in range(GROUP):
+        if tl.load(Shares + other, cache_modifier=".cg") == HANDED_OVER:
+            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
+                n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
+                s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
+                mask, g, xmu = _share_inputs(X, DY, Y, Mean, n, s, cols, cmask, mean, scale, bias, N, S,
+                                             stride_xn, stride_xc, stride_xs, stride_gn, stride_gc, stride_gs,
+                                             stride_yn, stride_yc, stride_ys, NEED_X, RELU, RELU_FROM_X,
+                                             PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+                _gradients_of_share(g, xmu, DX, DR, Totals, n, s, cols, cmask, mask, scale, invstd, count, N, S, C,
+                                    stride_dxn, stride_dxc, stride_dxs, TRAINING, COMPUTE_DX, STORE_DRESIDUAL,
+                                    PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+
+
+@triton.jit
 def bn_bwd_coop_kernel(
     X, DY, DX, Y, DR, Weight, Bias, Mean, Invstd, DWeight, DBias,  # as in bn_bwd_resident_kernel
     Partials,           # [2, GROUP, C] sum g, sum g * xhat of each program's share of a channel
@@ -396,18 +427,9 @@ def bn_bwd_coop_kernel(
         if HAS_SUMS and PHASE == 0:
             if arrived == GROUP - 1:
                 if claim_shares(shares, member, GROUP, MEMBERS) > 0:
-                    for other in range(GROUP):  # the shares handed over, read again in small pieces
-                        if tl.load(shares + other, cache_modifier=".cg") == HANDED_OVER:
-                            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
-                                piece_n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
-                                piece_s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
-                                piece_mask, piece_g, piece_xmu = _share_inputs(
-                                    X, DY, Y, Mean, piece_n, piece_s, cols, cmask, mean, scale, bias, N, S,
-                                    stride_xn, stride_xc, stride_xs, stride_gn, stride_gc, stride_gs,
-                                    stride_yn, stride_yc, stride_ys, NEED_X, RELU, RELU_FROM_X,
-                                    PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
-                                _gradients_of_share(piece_g, piece_xmu, DX, DR, Totals, piece_n, piece_s, cols,
-                                                    cmask, piece_mask, scale, invstd, count, N, S, C,
-                                                    stride_dxn, stride_dxc, stride_dxs, TRAINING, COMPUTE_DX,
-                                                    STORE_DRESIDUAL, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC,
-                                                    ACC_DTYPE)
+                    _finish_shares(shares, X, DY, DX, Y, DR, Mean, Totals, cols, cmask, mean, scale, bias, invstd,
+                                   count, s_parts, N, S, C, stride_xn, stride_xc, stride_xs,
+                                   stride_gn, stride_gc, stride_gs, stride_dxn, stride_dxc, stride_dxs,
+                                   stride_yn, stride_yc, stride_ys, TRAINING, COMPUTE_DX, STORE_DRESIDUAL, NEED_X,
+                                   RELU, RELU_FROM_X, GROUP, BLOCK_N, BLOCK_S, PIECE_N, PIECE_S, CHANNEL_INNER,
+                                   INT64, VEC, ACC_DTYPE)

@@ -287,6 +287,34 @@ def _normalize_share(
 
 
 @triton.jit
+def _finish_shares(
+    Shares, X, Y, R, Weight, Bias, SaveMean, SaveInvstd, cols, cmask, s_parts, N, S,
+    stride_xn, stride_xc, stride_xs,
+    stride_yn, stride_yc, stride_ys,
+    stride_rn, stride_rc, stride_rs,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
+    CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The merger's part of a hand-over: normalize every share handed over to
+    it (Shares[m] == HANDED_OVER), reading its x again [PIECE_N, BLOCK_C,
+    PIECE_S] at a time (few registers on a rarely taken path)."""
+    for other in range(GROUP):
+        if tl.load(Shares + other, cache_modifier=".cg") == HANDED_OVER:
+            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
+                n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
+                s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
+                offs, mask = tile_offsets(n, s, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
+                                          PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC)
+                x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+                _normalize_share(x, Y, R, Weight, Bias, SaveMean, SaveInvstd, n, s, cols, cmask, mask, N, S,
+                                 stride_yn, stride_yc, stride_ys, stride_rn, stride_rc, stride_rs,
+                                 HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU, PIECE_N, PIECE_S,
+                                 CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+
+
+@triton.jit
 def bn_fwd_coop_kernel(
     X, Y, R, Weight, Bias,      # as in bn_fwd_resident_kernel
     RunningMean, RunningVar, NumBatchesTracked,
@@ -353,16 +381,7 @@ def bn_fwd_coop_kernel(
         if PHASE == 0:
             if arrived == GROUP - 1:
                 if claim_shares(shares, member, GROUP, MEMBERS) > 0:
-                    for other in range(GROUP):  # the shares handed over, read again in small pieces
-                        if tl.load(shares + other, cache_modifier=".cg") == HANDED_OVER:
-                            for piece in range((BLOCK_N // PIECE_N) * (BLOCK_S // PIECE_S)):
-                                piece_n = other // s_parts * BLOCK_N + piece // (BLOCK_S // PIECE_S) * PIECE_N
-                                piece_s = other % s_parts * BLOCK_S + piece % (BLOCK_S // PIECE_S) * PIECE_S
-                                piece_offs, piece_mask = tile_offsets(
-                                    piece_n, piece_s, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
-                                    PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC)
-                                piece_x = tl.load(X + piece_offs, mask=piece_mask, other=0.0).to(ACC_DTYPE)
-                                _normalize_share(piece_x, Y, R, Weight, Bias, SaveMean, SaveInvstd, piece_n, piece_s,
-                                                 cols, cmask, piece_mask, N, S, stride_yn, stride_yc, stride_ys,
-                                                 stride_rn, stride_rc, stride_rs, HAS_WEIGHT, HAS_BIAS,
-                                                 HAS_RESIDUAL, RELU, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+                    _finish_shares(shares, X, Y, R, Weight, Bias, SaveMean, SaveInvstd, cols, cmask, s_parts, N, S,
+                                   stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
+                                   stride_rn, stride_rc, stride_rs, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU,
+                                   GROUP, BLOCK_N, BLOCK_S, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)

@@ -26,6 +26,23 @@ from .common import combine_double, epilogue, load_channel, split_range, tile_of
 
 
 @triton.jit
+def fold(RunningMean, RunningVar, Weight, Bias, cols, cmask, eps_hi, eps_lo,
+         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(mean, invstd, scale, shift) [len(cols)] of channels `cols` from the
+    running statistics: the folded affine y = x * scale + shift."""
+    mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
+    var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
+    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    scale = invstd
+    if HAS_WEIGHT:
+        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
+    shift = -mean * scale
+    if HAS_BIAS:
+        shift = shift + load_channel(Bias, cols, cmask, ACC_DTYPE)
+    return mean, invstd, scale, shift
+
+
+@triton.jit
 def bn_inference_kernel(
     X, Y,                       # (N, C, S) input and output
     R,                          # (N, C, S) residual, when HAS_RESIDUAL
@@ -49,20 +66,12 @@ def bn_inference_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
 
-    mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
-    var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
-    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    mean, invstd, scale, shift = fold(RunningMean, RunningVar, Weight, Bias, cols, cmask, eps_hi, eps_lo,
+                                      HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     if STORE_STATS:
         if (pid_n == 0) & (pid_s == 0):  # one writer per channel
             tl.store(SaveMean + cols, mean, mask=cmask)
             tl.store(SaveInvstd + cols, invstd, mask=cmask)
-
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + load_channel(Bias, cols, cmask, ACC_DTYPE)
     scale = scale[None, :, None]
     shift = shift[None, :, None]
 
@@ -132,19 +141,12 @@ def bn_inference_flat_kernel(
         cmask = cols < C
         first = cmask & (cols * S >= f0) & (cols * S < f0 + BLOCK_F)
 
-    mean = load_channel(RunningMean, cols, cmask, ACC_DTYPE)
-    var = load_channel(RunningVar, cols, cmask, ACC_DTYPE)
-    invstd = 1.0 / tl.sqrt(var + combine_double(eps_hi, eps_lo, ACC_DTYPE))
+    mean, invstd, scale, shift = fold(RunningMean, RunningVar, Weight, Bias, cols, cmask, eps_hi, eps_lo,
+                                      HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     if STORE_STATS:
         if pid_r == 0:  # one writer per channel
             tl.store(SaveMean + cols, mean, mask=first)
             tl.store(SaveInvstd + cols, invstd, mask=first)
-    scale = invstd
-    if HAS_WEIGHT:
-        scale = scale * load_channel(Weight, cols, cmask, ACC_DTYPE)
-    shift = -mean * scale
-    if HAS_BIAS:
-        shift = shift + load_channel(Bias, cols, cmask, ACC_DTYPE)
     if not CHANNEL_INNER:
         # each position's channel, relative to the program's first one
         local = tl.minimum(f // S - c0, CHANNELS - 1)

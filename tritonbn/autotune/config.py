@@ -38,13 +38,19 @@ FIT_BYTES = 192 * 1024
 # channel-inner float32 (8 bytes at 16 warps): 2048 there. The forward's
 # channel-inner float32 variants with a fused residual spilled 8-20 bytes at
 # 16384 (bench.kernel_report --ops fused): 8192 there.
+# With the hand-over path (kernels/common.py: wait_or_hand_over) the forward's
+# 16384-value tiles spilled 8 bytes at 128 registers for (N, C) inputs
+# (16-bit) and channel-strided float32 with a fused residual: 8192 there.
 COOPERATIVE_LIMIT = {"forward": 16384, "backward": 4096}
 COOPERATIVE_LIMIT_CHANNEL_INNER_FP32 = {"forward": 8192, "backward": 2048}
+COOPERATIVE_LIMIT_FORWARD_HAND_OVER = 8192
 
 
 def _cooperative_limit(problem: Problem) -> int:
     if problem.channel_inner and problem.dtype.itemsize > 2:
         return COOPERATIVE_LIMIT_CHANNEL_INNER_FP32[problem.op]
+    if problem.op == "forward" and (problem.dtype.itemsize > 2 or problem.S == 1):
+        return COOPERATIVE_LIMIT_FORWARD_HAND_OVER
     return COOPERATIVE_LIMIT[problem.op]
 
 
@@ -249,8 +255,13 @@ def _cooperative(problem: Problem, limit: int, sms: int) -> LaunchConfig | None:
     split_n, split_s = cdiv(N, block_n), cdiv(S, block_s)
     if not 2 <= split_n * split_s <= sms:
         return None
+    warps = _num_warps(block_n * block_c * block_s)
+    if problem.op == "backward" and S == 1:
+        # (N, C) inputs: at 16 warps ptxas kept a value in local memory (4
+        # bytes at 40-64 registers, bench.kernel_report); 8 do not spill
+        warps = min(warps, 8)
     return LaunchConfig("cooperative", block_n, block_c, block_s, split_n=split_n, split_s=split_s,
-                        num_warps=_num_warps(block_n * block_c * block_s))
+                        num_warps=warps)
 
 
 def _resident_limit(problem: Problem) -> int:
