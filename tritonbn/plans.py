@@ -258,8 +258,9 @@ def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, .
 @dataclass(eq=False)
 class ForwardPlan:
     """Training forward (regime resident: one kernel; split: stats, merge,
-    normalize) or inference (one kernel, regime flat or split). ``args``: the scalar and constexpr
-    keyword arguments of the kernel that writes y; ``stats_args`` /
+    normalize) or inference (one kernel, regime flat or split). ``args``: the
+    scalar and constexpr keyword arguments of the kernel that writes y;
+    ``stats_args`` /
     ``merge_args``: those of the split regime's statistics and merge kernels,
     the merge on grid ``merge_grid``."""
 

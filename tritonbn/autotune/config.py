@@ -320,11 +320,11 @@ def _programs_per_sm(num_warps: int, registers: int) -> int:
 
 
 def _flat(problem: Problem, tile: int, sms: int) -> LaunchConfig:
-    """Tiles of rows by FLAT_ROW contiguous values (on a GPU); a grid of one wave where the tensor allows (every program
-    resident from the start, each streaming an equal run of row tiles, no
-    tail), at least two where the row chunks alone pass one wave, and no
-    program streaming so few rows that its per-channel vectors pass
-    FLAT_PARAMETER_SHARE of its bytes."""
+    """Tiles of rows by FLAT_ROW contiguous values (on a GPU); a grid of one
+    wave where the tensor allows (every program resident from the start,
+    each streaming an equal run of row tiles, no tail), at least two where
+    the row chunks alone pass one wave, and no program streaming so few rows
+    that its per-channel vectors pass FLAT_PARAMETER_SHARE of its bytes."""
     rows, length = flat_rows(problem)
     width = FLAT_ROW[problem.layout] if problem.device.type == "cuda" else tile
     block_s = min(next_power_of_2(length), width)
@@ -400,8 +400,9 @@ def _per_thread_limit(config: LaunchConfig, problem: Problem) -> int:
 def candidates(problem: Problem) -> list[LaunchConfig]:
     """The tuner's search space, the heuristic's choice first: the resident
     regime at several register budgets where a channel block fits (inference:
-    flat grids of three tile sizes), and split grids of small and large tiles filling the GPU 2 or 8 programs deep, each
-    with two warp counts. Deduplicated and filtered by _fits."""
+    flat grids of three tile sizes), and split grids of small and large tiles
+    filling the GPU 2 or 8 programs deep, each with two warp counts.
+    Deduplicated and filtered by _fits."""
     sms = _sm_count(problem.device.type, problem.device.index)
     found = [heuristic(problem)]
     if problem.op == "inference":
