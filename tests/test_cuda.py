@@ -120,3 +120,36 @@ def test_training_step_captures_in_a_cuda_graph():
         torch.testing.assert_close(static_loss, expected, atol=1e-5, rtol=1e-5)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((64, 512, 28, 28), False), ((32, 2048, 7, 7), True)], ids=str)
+def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channels_last):
+    """Waits cut to one poll: programs that find the flag down hand their
+    share to the merger while others race it for the same shares (the claim
+    CAS). Forward and backward must equal the normal waits' results bit for
+    bit, whichever way each race goes."""
+    from tritonbn import plans
+    from tritonbn.autotune import heuristic, override
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    C = shape[1]
+    weight, bias = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+    grad_out = torch.randn_like(x)
+    _, view, _ = plans.canonical(x)
+    configs = {op: heuristic(plans.problem(op, view, x)) for op in ("forward", "backward")}
+    assert "cooperative" in {c.regime for c in configs.values()}, configs
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        running = [torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")]
+        with override(**configs):  # the heuristic's, whatever the tuner would pick
+            y = tritonbn.batch_norm(leaves[0], *running, leaves[1], leaves[2], True, 0.1, 1e-5)
+            y.backward(grad_out)
+        return [y, *(t.grad for t in leaves), *running]
+
+    expected = run()
+    monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", 0)
+    for _ in range(3):
+        for a, b in zip(run(), expected):
+            assert torch.equal(a, b)
