@@ -233,15 +233,16 @@ def store_channel_stats(
 # one program per SM, so all its programs are normally resident at once and
 # a wait ends within microseconds. Where they are not (a GPU shared with
 # other work, fewer SMs than the device reports), a wait gives up after
-# spin_limit polls and the program hands its share to the merger (wait_or_hand_over,
-# claim_shares): the merger then reads that share again from memory and
-# finishes it with the same statistics, so results do not change and no
-# program waits for one that cannot start. Data written by other programs is
-# read with ``.cg`` (from L2, never a stale L1 line).
+# spin_limit polls and the program hands its share to the merger
+# (wait_or_hand_over, claim_shares): the merger then reads that share again
+# from memory and finishes it with the same statistics, so results do not
+# change and no program waits for one that cannot start. Data written by
+# other programs is read with ``.cg`` (from L2, never a stale L1 line).
 #
 # Share states, one int32 per (channel block, member), zero at launch:
 HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
 CLAIMED = tl.constexpr(2)      # the merger came first: the member's wait ends with the flag up
+
 
 @triton.jit
 def arrive(Arrived):

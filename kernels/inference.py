@@ -8,9 +8,10 @@ Two kernels. bn_inference_flat_kernel (below; regime "flat", the default)
 reads the tensor as rows of contiguous values, whatever S is.
 bn_inference_kernel (regime "split") tiles the canonical (N, C, S) view
 (kernels/common.py) on grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S), for
-tensors that are not such rows (a strided channel slice, say). Each program folds its own channels' scale / shift (C is
-tiny next to N * S, so recomputing it per program is free and saves a launch),
-then streams its share: 1 read, 1 write. With STORE_STATS the split-0
+tensors that are not such rows (a strided channel slice, say). Each program
+folds its own channels' scale / shift (C is tiny next to N * S, so
+recomputing it per program is free and saves a launch), then streams its
+share: 1 read, 1 write. With STORE_STATS the split-0
 program of each channel block also writes save_mean = running_mean and
 save_invstd, which the eval-mode backward (dx = g * scale) reuses; a call
 that needs no gradient skips them.
