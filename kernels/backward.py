@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, load_channel, load_grad, raise_flag, relu_mask_from_x, split_range,
-    tile_offsets, wait_or_hand_over,
+    HANDED_OVER, affine, arrive, claim_shares, load_channel, load_grad, raise_flag, relu_mask_from_x,
+    saved_affine, split_range, tile_offsets, wait_or_hand_over,
 )
 
 
@@ -189,9 +189,8 @@ def bn_bwd_dx_kernel(
     pid_s = tl.program_id(2)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
-    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
-    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    mean, invstd, scale, bias = saved_affine(Mean, Invstd, Weight, Bias, cols, cmask,
+                                             HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
     if TRAINING:
         g_shift, xmu_coef = dx_coefficients(Sums, stride_sums, cols, cmask, scale, invstd, count, "", ACC_DTYPE)
@@ -250,9 +249,8 @@ def bn_bwd_resident_kernel(
     x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     g = load_grad(DY, Y, 0, 0, cols, cmask, mask, N, S, stride_gn, stride_gc, stride_gs,
                   stride_yn, stride_yc, stride_ys, RELU, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
-    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
-    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
-    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    mean, invstd, scale, bias = saved_affine(Mean, Invstd, Weight, Bias, cols, cmask,
+                                             HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     if RELU_FROM_X:
         g = tl.where(relu_mask_from_x(x, mean[None, :, None], scale[None, :, None], bias[None, :, None],
                                       X.dtype.element_ty), g, 0.0)
@@ -397,9 +395,8 @@ def bn_bwd_coop_kernel(
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
         shares = Flags + 2 * num_blocks + block * GROUP
-        mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
-        invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
-        scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+        mean, invstd, scale, bias = saved_affine(Mean, Invstd, Weight, Bias, cols, cmask,
+                                                 HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
         mask, g, xmu = _share_inputs(X, DY, Y, Mean, n0, s0, cols, cmask, mean, scale, bias, N, S,
                                      stride_xn, stride_xc, stride_xs, stride_gn, stride_gc, stride_gs,
                                      stride_yn, stride_yc, stride_ys, NEED_X, RELU, RELU_FROM_X,

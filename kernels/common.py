@@ -118,6 +118,17 @@ def affine(invstd, Weight, Bias, cols, cmask,
 
 
 @triton.jit
+def saved_affine(Mean, Invstd, Weight, Bias, cols, cmask,
+                 HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """(mean, invstd, scale, bias) [BLOCK_C] of channels `cols` from the saved
+    statistics: what the normalize and dx passes apply (affine)."""
+    mean = load_channel(Mean, cols, cmask, ACC_DTYPE)
+    invstd = load_channel(Invstd, cols, cmask, ACC_DTYPE)
+    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    return mean, invstd, scale, bias
+
+
+@triton.jit
 def relu_mask_from_x(x, mean, scale, bias, OUT_DTYPE: tl.constexpr):
     """Where a fused ReLU in the training forward let the gradient through,
     recomputed from x instead of read from y: y > 0 with y = fma(x - mean,

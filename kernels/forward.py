@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, epilogue, load_channel, raise_flag, split_range,
+    HANDED_OVER, affine, arrive, claim_shares, epilogue, raise_flag, saved_affine, split_range,
     store_channel_stats, tile_offsets, tile_statistics, wait_or_hand_over, welford_combine, welford_merge,
 )
 
@@ -169,9 +169,8 @@ def bn_fwd_normalize_kernel(
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
 
-    mean = load_channel(SaveMean, cols, cmask, ACC_DTYPE)
-    invstd = load_channel(SaveInvstd, cols, cmask, ACC_DTYPE)
-    scale, bias = affine(invstd, Weight, Bias, cols, cmask, HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
+    mean, invstd, scale, bias = saved_affine(SaveMean, SaveInvstd, Weight, Bias, cols, cmask,
+                                             HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
     mean = mean[None, :, None]
     scale = scale[None, :, None]
     bias = bias[None, :, None]

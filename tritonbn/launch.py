@@ -128,26 +128,20 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     neither allocated nor written."""
     device = x.device
     y = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device)
-    if not (keep_stats or p.training):
-        w = x if weight is None else weight
-        b = x if bias is None else bias
+    r = x if residual is None else residual
+    if not p.training:
         kernel = kernels.bn_inference_flat_kernel if p.regime == "flat" else kernels.bn_inference_kernel
-        kernel[p.grid](x, y, x if residual is None else residual, w, b, running_mean, running_var, x, x,
-                       **p.stats_free_args)
-        return y, None, None
+        if not keep_stats:
+            kernel[p.grid](x, y, r, x if weight is None else weight, x if bias is None else bias,
+                           running_mean, running_var, x, x, **p.stats_free_args)
+            return y, None, None
     save_mean = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
     save_invstd = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
     dummy = save_mean
-    r = x if residual is None else residual
     w = dummy if weight is None else weight
     b = dummy if bias is None else bias
-    if p.regime == "flat":
-        kernels.bn_inference_flat_kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean,
-                                                 save_invstd, **p.args)
-        return y, save_mean, save_invstd
     if not p.training:
-        kernels.bn_inference_kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean, save_invstd,
-                                            **p.args)
+        kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean, save_invstd, **p.args)
         return y, save_mean, save_invstd
     rm = dummy if running_mean is None else running_mean
     rv = dummy if running_var is None else running_var
