@@ -4,6 +4,9 @@ warning given when it is not the Triton kernels.
     "triton"              CUDA tensors: the compiled Triton kernels
     "triton-interpreter"  CPU tensors with the Triton interpreter on
                           (TRITON_INTERPRET=1 before ``import tritonbn``)
+    "triton-standin"      CPU tensors through Triton's dispatch to a stand-in
+                          driver that launches nothing (bench/standin.py:
+                          host-time measurements and launch checks only)
     "torch"               other CPU tensors and other devices: PyTorch's own
                           batch_norm (tritonbn/fallback.py)
 
@@ -29,6 +32,17 @@ class FallbackWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=tritonbn.FallbackWarning)``."""
 
 
+_standin = False
+
+
+def use_standin_driver() -> None:
+    """CPU tensors take the Triton path through a stand-in driver (set by
+    bench/standin.py, which also makes compilation a stub): their results are
+    not computed. For measuring and checking the host path only."""
+    global _standin
+    _standin = True
+
+
 def backend(tensor_or_device) -> str:
     """"triton", "triton-interpreter" or "torch": what runs tritonbn's batch norm
     for a tensor, or for tensors on a device (a torch.device or a string such as
@@ -39,6 +53,8 @@ def backend(tensor_or_device) -> str:
         return "triton"
     if device.type == "cpu" and kernels.INTERPRETED:
         return "triton-interpreter"
+    if device.type == "cpu" and _standin:
+        return "triton-standin"
     return "torch"
 
 
@@ -47,7 +63,7 @@ def runs_triton(t: torch.Tensor) -> bool:
     On every call's path: one device lookup; the fallback branch also warns
     (once) through note_fallback."""
     kind = t.device.type
-    if kind == "cuda" or (kind == "cpu" and kernels.INTERPRETED):
+    if kind == "cuda" or (kind == "cpu" and (kernels.INTERPRETED or _standin)):
         return True
     note_fallback(kind)
     return False

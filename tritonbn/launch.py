@@ -30,6 +30,7 @@ import functools
 import torch
 
 from . import kernels, plans
+from .launcher import launch
 from .autotune import LaunchConfig, choose_config
 from .autotune.config import heuristic, next_power_of_2
 from .plans import BackwardPlan, ForwardPlan, View, acc_dtype, conform, dense, output_format
@@ -132,8 +133,9 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     if not p.training:
         kernel = kernels.bn_inference_flat_kernel if p.regime == "flat" else kernels.bn_inference_kernel
         if not keep_stats:
-            kernel[p.grid](x, y, r, x if weight is None else weight, x if bias is None else bias,
-                           running_mean, running_var, x, x, **p.stats_free_args)
+            launch(p, "inference, no stats", kernel, p.grid, p.stats_free_args)(
+                x, y, r, x if weight is None else weight, x if bias is None else bias, running_mean,
+                running_var, x, x)
             return y, None, None
     save_mean = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
     save_invstd = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
@@ -141,27 +143,29 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     w = dummy if weight is None else weight
     b = dummy if bias is None else bias
     if not p.training:
-        kernel[p.grid](x, y, r, w, b, running_mean, running_var, save_mean, save_invstd, **p.args)
+        launch(p, "inference", kernel, p.grid, p.args)(x, y, r, w, b, running_mean, running_var, save_mean,
+                                                       save_invstd)
         return y, save_mean, save_invstd
     rm = dummy if running_mean is None else running_mean
     rv = dummy if running_var is None else running_var
     nbt = dummy if num_batches_tracked is None else num_batches_tracked
     if p.regime == "resident":
-        kernels.bn_fwd_resident_kernel[p.grid](x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, **p.args)
+        launch(p, "resident", kernels.bn_fwd_resident_kernel, p.grid, p.args)(
+            x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd)
         return y, save_mean, save_invstd
     if p.regime == "cooperative":
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            kernels.bn_fwd_coop_kernel[p.grid](x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags,
-                                               PHASE=phase, **p.args)
+            launch(p, f"cooperative {phase}", kernels.bn_fwd_coop_kernel, p.grid, dict(p.args, PHASE=phase))(
+                x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags)
         return y, save_mean, save_invstd
     if partials is None:
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        kernels.bn_fwd_stats_kernel[p.grid](x, partials, **p.stats_args)
-    kernels.bn_fwd_merge_kernel[p.merge_grid](partials, partials, save_mean, save_invstd, rm, rv, nbt,
-                                              **p.merge_args)
-    kernels.bn_fwd_normalize_kernel[p.grid](x, y, r, w, b, save_mean, save_invstd, **p.args)
+        launch(p, "stats", kernels.bn_fwd_stats_kernel, p.grid, p.stats_args)(x, partials)
+    launch(p, "merge", kernels.bn_fwd_merge_kernel, p.merge_grid, p.merge_args)(
+        partials, partials, save_mean, save_invstd, rm, rv, nbt)
+    launch(p, "normalize", kernels.bn_fwd_normalize_kernel, p.grid, p.args)(x, y, r, w, b, save_mean, save_invstd)
     return y, save_mean, save_invstd
 
 
@@ -241,26 +245,26 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     db_ = dummy if db is None else db
     dr_ = dx_ if dr is None else dr
     if p.regime == "resident":
-        kernels.bn_bwd_resident_kernel[p.grid](x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
-                                               **p.args)
+        launch(p, "resident", kernels.bn_bwd_resident_kernel, p.grid, p.args)(
+            x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_)
         return dx, dw, db, dr
     if p.regime == "cooperative":
         C = p.view.C
         scratch = torch.empty(2 * (p.num_splits + 1) * C, dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            kernels.bn_bwd_coop_kernel[p.grid](x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
-                                               scratch[:2 * p.num_splits * C], scratch[2 * p.num_splits * C:],
-                                               flags, PHASE=phase, **p.args)
+            launch(p, f"cooperative {phase}", kernels.bn_bwd_coop_kernel, p.grid, dict(p.args, PHASE=phase))(
+                x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
+                scratch[:2 * p.num_splits * C], scratch[2 * p.num_splits * C:], flags)
         return dx, dw, db, dr
     if partials is None and p.has_sums:
         partials = torch.empty((2, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        kernels.bn_bwd_sums_kernel[p.grid](x, grad_out, y, w, b, save_mean, save_invstd, partials,
-                                           **p.sums_args)
-        kernels.bn_bwd_reduce_kernel[p.reduce_grid](partials, dw_, db_, **p.reduce_args)
+        launch(p, "sums", kernels.bn_bwd_sums_kernel, p.grid, p.sums_args)(
+            x, grad_out, y, w, b, save_mean, save_invstd, partials)
+        launch(p, "reduce", kernels.bn_bwd_reduce_kernel, p.reduce_grid, p.reduce_args)(partials, dw_, db_)
     if dx is not None or dr is not None:
-        kernels.bn_bwd_dx_kernel[p.grid](x, grad_out, dx_, y, dr_, dummy if partials is None else partials,
-                                         w, b, save_mean, save_invstd, **p.args)
+        launch(p, "dx", kernels.bn_bwd_dx_kernel, p.grid, p.args)(
+            x, grad_out, dx_, y, dr_, dummy if partials is None else partials, w, b, save_mean, save_invstd)
     return dx, dw, db, dr
 
 

@@ -279,6 +279,7 @@ class ForwardPlan:
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
     num_flags: int = 0            # the cooperative regime's int32 flags: arrivals, merged, share states
     stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
+    launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
@@ -431,6 +432,7 @@ class BackwardPlan:
     num_splits: int = 1
     phases: tuple[int, ...] = ()
     num_flags: int = 0
+    launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
 
 
 def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight,
@@ -507,11 +509,26 @@ def clear() -> None:
     _plans.clear()
 
 
+def alignment(*tensors: torch.Tensor | None) -> int | tuple:
+    """0 where every given pointer is 16-byte aligned (the common case: one
+    OR of the addresses), else each one's address mod 16 (None: absent)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    if not bits & 15:
+        return 0
+    return tuple(None if t is None else t.data_ptr() % 16 for t in tensors)
+
+
 def forward_key(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
                 momentum, eps, residual, relu: bool) -> tuple:
     """The key of a forward call. Eval ignores momentum and num_batches_tracked,
-    as the kernels do. The data's 16-byte alignment is in it (vector_width).
-    Inlined attribute reads: this runs on every call."""
+    as the kernels do. Every pointer's 16-byte alignment is in it: the kernels'
+    VEC depends on the data's (vector_width), and Triton specializes each
+    pointer argument on it, so a plan's compiled kernels (tritonbn.launcher)
+    are the ones the JIT would pick. Inlined attribute reads: this runs on
+    every call."""
     if training:
         tracked = None if num_batches_tracked is None else (
             num_batches_tracked.shape, num_batches_tracked.dtype, num_batches_tracked.device)
@@ -519,7 +536,9 @@ def forward_key(input, weight, bias, running_mean, running_var, num_batches_trac
     else:
         head = (False, None, eps, relu, None)
     return (*head,
-            input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16,
+            alignment(input, weight, bias, running_mean, running_var,
+                      num_batches_tracked if training else None, residual),
+            input.shape, input.stride(), input.dtype, input.device,
             None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
             None if running_mean is None else (running_mean.shape, running_mean.stride(),
@@ -527,18 +546,19 @@ def forward_key(input, weight, bias, running_mean, running_var, num_batches_trac
             None if running_var is None else (running_var.shape, running_var.stride(),
                                               running_var.dtype, running_var.device),
             None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                           residual.device, residual.data_ptr() % 16))
+                                           residual.device))
 
 
 def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
                  bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple:
     return (training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
-            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device, grad_out.data_ptr() % 16,
-            input.shape, input.stride(), input.dtype, input.device, input.data_ptr() % 16,
+            alignment(grad_out, input, weight, save_mean, save_invstd, output, bias),
+            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+            input.shape, input.stride(), input.dtype, input.device,
             None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
             save_mean.shape, save_mean.stride(), save_mean.dtype,
             save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
-            None if output is None else (output.shape, output.stride(), output.dtype, output.data_ptr() % 16),
+            None if output is None else (output.shape, output.stride(), output.dtype),
             None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device))
 
 

@@ -1,0 +1,121 @@
+"""Kernel launches of a launch plan: Triton's dispatch once, then the
+compiled kernel's launcher directly.
+
+``kernel[grid](*args, **kwargs)`` pays Triton's dispatch on every call
+(``JITFunction.run``: binding 20-50 arguments, specializing each one, the
+cache key and its lookup, the grid): 14-57 us of host time per launch, more
+than most BatchNorm kernels take on the GPU at training batch sizes. A plan's
+launch sees the same key every time -- the plan key holds everything the JIT
+specializes on: shapes, strides, dtypes, constexprs and every pointer's
+16-byte alignment (tritonbn.plans) -- so after its first call, which goes
+through the JIT (compiling or finding the kernel), a ``Launch`` keeps that
+compiled kernel with every non-tensor argument packed in signature order and
+hands its launcher only the tensors and the stream.
+
+What a direct launch passes is what Triton's own path passes the launcher,
+argument for argument (tests/test_launcher.py checks it for every kernel
+variant the reference shapes launch), except that the launch-hook slots are
+None where Triton's hook chains are empty: the launcher then calls nothing,
+as it does for an empty chain. A launch goes back through the JIT whenever
+that could differ: a launch hook or a pre-run hook is set, or the current
+device is not the one the kernel was found for.
+
+The launcher's signature is the same in every Triton this supports
+(``SUPPORTED``); under another version, under the interpreter, or with
+``TRITONBN_FAST_LAUNCH=0`` in the environment every launch goes through
+``kernel[grid](...)``.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from . import kernels
+
+# Triton versions whose JITFunction.run calls the compiled kernel as
+# kernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata,
+# launch_metadata, enter_hook, exit_hook, *bound_args.values()).
+SUPPORTED = ("3.6", "3.7", "3.8", "3.9")
+VERSION = ".".join(triton.__version__.split(".")[:2])
+
+
+def _enabled_by_environment() -> bool:
+    return os.environ.get("TRITONBN_FAST_LAUNCH", "1").lower() not in ("0", "false", "off", "no")
+
+
+try:
+    from triton import knobs as _knobs
+    _RUNTIME = _knobs.runtime
+    _HOOKS = (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook)
+except (ImportError, AttributeError):  # pragma: no cover - a triton without knobs
+    _RUNTIME, _HOOKS = None, None
+
+# Whether launches may bypass Triton's dispatch (the interpreter's kernels are
+# not JITFunctions: tritonbn.kernels turns this off under it).
+enabled = (VERSION in SUPPORTED and _HOOKS is not None and not kernels.INTERPRETED
+           and _enabled_by_environment())
+
+
+def _no_hooks() -> bool:
+    """Triton's launch hooks are its empty chains (nobody is profiling launches)."""
+    enter, leave = _HOOKS
+    return (_RUNTIME.launch_enter_hook is enter and _RUNTIME.launch_exit_hook is leave
+            and not enter.calls and not leave.calls)
+
+
+class Launch:
+    """One kernel launch of a plan: ``launch(*tensors)`` with the tensor
+    arguments (the kernel's leading parameters, positionally); ``kwargs``
+    holds every other parameter and the launch options (num_warps)."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "direct")
+
+    def __init__(self, kernel, grid: tuple[int, ...], kwargs: dict):
+        self.kernel = kernel
+        self.grid = grid
+        self.kwargs = kwargs
+        self.direct = None  # (launcher, function, packed metadata, tail, device, grid) once known
+
+    def __call__(self, *tensors) -> None:
+        direct = self.direct
+        if direct is not None and enabled and _no_hooks() and not self.kernel.pre_run_hooks:
+            run, function, packed, tail, device, (g0, g1, g2), driver = direct
+            if driver.get_current_device() == device:
+                run(g0, g1, g2, driver.get_current_stream(device), function, packed, None, None, None,
+                    *tensors, *tail)
+                return
+        compiled = self.kernel[self.grid](*tensors, **self.kwargs)
+        if direct is None and enabled and compiled is not None:
+            self.direct = _prepare(self.kernel, compiled, self.grid, len(tensors), self.kwargs)
+
+
+def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
+    """What a direct launch of ``compiled`` needs: its launcher and function
+    (loaded by the launch that just ran), and the parameters after the
+    tensors in signature order (constexprs included: the launcher skips
+    them, as it does for Triton's own call)."""
+    params = getattr(kernel, "params", None)
+    if params is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    tail = []
+    for param in params[num_tensors:]:
+        if param.name in kwargs:
+            tail.append(kwargs[param.name])
+        elif param.has_default:
+            tail.append(param.default)
+        else:  # pragma: no cover - the JIT call above would have raised
+            return None
+    driver = triton.runtime.driver.active
+    grid = (*grid, 1, 1)[:3]
+    return (compiled.run, compiled.function, compiled.packed_metadata, tuple(tail),
+            driver.get_current_device(), grid, driver)
+
+
+def launch(plan, site: str, kernel, grid: tuple[int, ...], kwargs: dict) -> Launch:
+    """The plan's Launch for one call site (its kernel, grid and arguments
+    fixed by the plan), made on first use."""
+    found = plan.launches.get(site)
+    if found is None:
+        found = plan.launches[site] = Launch(kernel, grid, kwargs)
+    return found
