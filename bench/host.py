@@ -1,79 +1,154 @@
-"""Per-call host time: what tritonbn's Python path costs around its kernels,
-next to torch's own dispatch of the same call (python -m bench --host).
+"""Per-call host time: what a tritonbn call costs the host, whole, next to
+torch's own dispatch of the same call (python -m bench --host).
 
-Tiny tensors make every call host-bound. Without a GPU the Triton interpreter
-is on and every kernel launch is replaced by a no-op, so only tritonbn's own
-Python path is timed (a real GPU launch adds Triton's launcher on top); torch
-runs its CPU batch_norm on the same tiny tensors (dispatch plus a few hundred
-flops). On a GPU both run for real on CUDA tensors: the time is what the host
-spends per call (kernels of this size finish long before the next launch).
+Tiny tensors make every call host-bound. Each call is timed three ways, in
+turns within each repeat, beside torch's call of the same kind:
 
-Each row: the best over repeats of the mean of many calls, in microseconds.
+own       tritonbn's own Python: every kernel launch is a no-op.
+dispatch  plus Triton's dispatch: every launch through ``kernel[grid](...)``
+          (JITFunction.run: binding, specialization, cache key and lookup).
+direct    plus tritonbn's direct launch (tritonbn/launcher.py): after a
+          plan's first call its launches go straight to the compiled
+          kernel's launcher. What a call costs by default.
+
+On a GPU the launches are real and so are the kernels (microseconds on
+these shapes). Without a GPU the three run under the stand-in driver
+(bench/standin.py) in a child process with the interpreter off: Triton's
+dispatch runs for real on CPU tensors and only the compiled launcher's own
+work (parsing the arguments in C, the driver call: a few microseconds on a
+GPU machine) is missing. torch runs its CPU batch_norm on the same tensors.
+
+Each figure: the best over REPEATS of the mean CPU time per call
+(time.thread_time: time the process was descheduled does not count) of
+CALLS calls. Per row also: kernel launches per call (fills and memsets
+included) and tensors allocated per call.
 """
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
+import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-import tritonbn
-from tritonbn import kernels
+if __name__ == "__main__" and sys.argv[1:] == ["--standin"]:
+    from .standin import install
+
+    install()  # before tritonbn: its kernels must be JITFunctions dispatching to the stand-in
+
+import tritonbn  # noqa: E402
+from tritonbn import autotune, launcher, plans  # noqa: E402
 
 SHAPE = (4, 8, 3, 3)
+SPLIT_SHAPE = (8, 16, 8, 8)  # run in the split regime (SplitTuner) for the split rows
 CALLS = {"cpu": 200, "cuda": 500}
 REPEATS = 9
+PATHS = ("own", "dispatch", "direct")
 
 
-class _NoLaunch:
-    """Stands in for a kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return self
-
-    def __call__(self, *args, **kwargs):
-        return None
+def _no_launch(self, *tensors):
+    return None
 
 
 @contextlib.contextmanager
-def stubbed_launches():
-    """Replace every kernel of tritonbn.kernels with a no-op for the block."""
-    names = [n for n in dir(kernels) if n.startswith("bn_")]
-    originals = {n: getattr(kernels, n) for n in names}
-    for n in names:
-        setattr(kernels, n, _NoLaunch())
+def path(name: str):
+    """own: launches are no-ops; dispatch: through Triton's JIT; direct: the default."""
+    enabled, call = launcher.enabled, launcher.Launch.__call__
+    if name == "own":
+        launcher.Launch.__call__ = _no_launch
+    launcher.enabled = enabled and name == "direct"
     try:
         yield
     finally:
-        for n, kernel in originals.items():
-            setattr(kernels, n, kernel)
+        launcher.enabled, launcher.Launch.__call__ = enabled, call
 
 
-def _time_pair(ours: Callable[[], object], theirs: Callable[[], object], calls: int,
-               sync: Callable[[], None]) -> tuple[float, float]:
-    """Best over REPEATS of the mean microseconds per call of each, the two
-    timed in turn within each repeat so that both see the same machine load."""
-    for fn in (ours, theirs, ours, theirs):  # warm-up: plans, caches, allocator
-        fn()
-    best = [float("inf"), float("inf")]
+class SplitTuner(autotune.Tuner):
+    """Chooses the split regime for every training problem (the split rows)."""
+
+    def choose(self, problem, trial):
+        if problem.op == "inference":
+            return super().choose(problem, trial)
+        return autotune.heuristic(problem, allow_resident=False)
+
+
+@contextlib.contextmanager
+def _allocations():
+    """Counts, in a dict, the tensors made through torch's factory functions
+    in the block ("all") and the filled ones among them ("fills": zeros,
+    full, ...: a fill kernel of its own on a GPU)."""
+    counts = dict(all=0, fills=0)
+    empty = ("empty", "empty_strided", "empty_like")
+    fills = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like")
+    originals = {name: getattr(torch, name) for name in empty + fills}
+
+    def counting(name, original):
+        def factory(*args, **kwargs):
+            counts["all"] += 1
+            counts["fills"] += name in fills
+            return original(*args, **kwargs)
+        return factory
+
+    for name, original in originals.items():
+        setattr(torch, name, counting(name, original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+
+
+def _time_all(fns: dict[str, tuple[Callable, contextlib.AbstractContextManager]], calls: int,
+              sync: Callable[[], None]) -> dict[str, float]:
+    """name -> best over REPEATS of the mean CPU microseconds per call; each
+    repeat times every fn in turn (its context entered around its calls), so
+    that all see the same machine load."""
+    for fn, context in list(fns.values()) * 2:  # warm-up: plans, caches, the allocator
+        with context():
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(REPEATS):
-        for i, fn in enumerate((ours, theirs)):
-            sync()
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            best[i] = min(best[i], (time.perf_counter() - start) / calls)
-    return best[0] * 1e6, best[1] * 1e6
+        for name, (fn, context) in fns.items():
+            with context():
+                sync()
+                start = time.thread_time_ns()
+                for _ in range(calls):
+                    fn()
+                sync()
+                best[name] = min(best[name], (time.thread_time_ns() - start) / calls / 1e3)
+    return best
 
 
-def cases(device: str) -> dict[str, tuple[Callable, Callable]]:
+def _counts(fn: Callable) -> tuple[int, int]:
+    """(launches, tensors allocated) of one call of fn: tritonbn's kernel
+    launches plus the fills it allocates."""
+    launches = 0
+    call = launcher.Launch.__call__
+
+    def counted(self, *tensors):
+        nonlocal launches
+        launches += 1
+        return call(self, *tensors)
+
+    launcher.Launch.__call__ = counted
+    try:
+        with _allocations() as allocations:
+            fn()
+    finally:
+        launcher.Launch.__call__ = call
+    return launches + allocations["fills"], allocations["all"]
+
+
+def cases(device: str, shape: tuple[int, ...] = SHAPE) -> dict[str, tuple[Callable, Callable]]:
     """name: (tritonbn call, torch call), each a no-argument callable."""
-    C = SHAPE[1]
-    x = torch.randn(SHAPE, device=device)
+    C = shape[1]
+    x = torch.randn(shape, device=device)
     g = torch.randn_like(x)
     weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -127,19 +202,60 @@ def cases(device: str) -> dict[str, tuple[Callable, Callable]]:
     }
 
 
+def split_cases(device: str) -> dict[str, tuple[Callable, Callable]]:
+    """The split regime's rows (2 or 3 launches a call), on SPLIT_SHAPE."""
+    both = cases(device, SPLIT_SHAPE)
+    wanted = {"batch_norm training forward, no_grad": "split training forward, no_grad",
+              "training forward + backward": "split training forward + backward"}
+    return {new: both[old] for old, new in wanted.items()}
+
+
 def measure(device: str | None = None) -> list[dict]:
-    """One row per call: tritonbn's and torch's microseconds per call and the ratio."""
+    """One row per call: CPU microseconds per call of each path and of torch,
+    the ratios to torch, launches and allocations per call."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and not kernels.INTERPRETED:
-        raise SystemExit("no GPU: set TRITON_INTERPRET=1 before tritonbn is imported "
-                         "(python -m bench --host does)")
+    if device == "cpu" and tritonbn.backend("cpu") != "triton-standin":
+        raise SystemExit("no GPU: the host paths are timed under the stand-in driver "
+                         "(python -m bench --host runs python -m bench.host for it)")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     calls = CALLS[device]
     rows = []
-    stub = stubbed_launches() if device == "cpu" else contextlib.nullcontext()
-    with stub:
-        for name, (ours, theirs) in cases(device).items():
-            gc.collect()
-            ours_us, theirs_us = _time_pair(ours, theirs, calls, sync)
-            rows.append(dict(call=name, tritonbn_us=ours_us, torch_us=theirs_us, ratio=ours_us / theirs_us))
+    groups = [(cases(device), contextlib.nullcontext()), (split_cases(device), autotune.use_tuner(SplitTuner()))]
+    for group, tuner in groups:
+        with tuner:
+            for name, (ours, theirs) in group.items():
+                gc.collect()
+                plans.clear()
+                fns = {p: (ours, lambda p=p: path(p)) for p in PATHS}
+                fns["torch"] = (theirs, contextlib.nullcontext)
+                us = _time_all(fns, calls, sync)
+                launches, allocations = _counts(ours)
+                rows.append(dict(call=name, shape="x".join(map(str, SPLIT_SHAPE if tuner is not groups[0][1]
+                                                                   else SHAPE)),
+                                 own_us=us["own"], dispatch_us=us["dispatch"], direct_us=us["direct"],
+                                 torch_us=us["torch"], ratio=us["direct"] / us["torch"],
+                                 dispatch_ratio=us["dispatch"] / us["torch"], launches=launches,
+                                 allocations=allocations))
     return rows
+
+
+def measure_standin() -> list[dict]:
+    """measure() in a child process under the stand-in driver (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-m", "bench.host", "--standin"], env=env, cwd=root,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"python -m bench.host --standin failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> None:
+    if argv[1:] != ["--standin"]:
+        raise SystemExit("usage: python -m bench.host --standin  (python -m bench --host runs it)")
+    print(json.dumps(measure("cpu")))
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

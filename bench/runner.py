@@ -233,11 +233,15 @@ def _csv_path(folder: Path, suffix: str = "") -> Path:
 def run_host(args, context: dict) -> pd.DataFrame:
     """python -m bench --host: rows appended to <device>-host.csv beside the bench CSV."""
     from . import host
-    launches = "real" if torch.cuda.is_available() else "stubbed (interpreter)"
-    print(f"per-call host time, x = {host.SHAPE} float32, best of {host.REPEATS} means; kernel launches: "
-          f"{launches}", flush=True)
-    df = pd.DataFrame([dict(context, launches=launches, **row) for row in host.measure()])
-    print(df[["call", "tritonbn_us", "torch_us", "ratio"]].round(2).to_string(index=False))
+    gpu = torch.cuda.is_available()
+    launches = "real" if gpu else "stand-in driver (Triton's dispatch, no GPU)"
+    print(f"per-call host time, CPU us per call, best of {host.REPEATS} means; kernel launches: {launches}",
+          flush=True)
+    rows = host.measure() if gpu else host.measure_standin()
+    df = pd.DataFrame([dict(context, launch_path=launches, **row) for row in rows])
+    shown = ["call", "shape", "own_us", "dispatch_us", "direct_us", "torch_us", "ratio", "launches",
+             "allocations"]
+    print(df[shown].round(2).to_string(index=False))
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = _csv_path(args.out, "-host")
     df.to_csv(csv_path, mode="a", header=not csv_path.exists(), index=False)

@@ -88,17 +88,25 @@ def test_wrong_result_is_flagged_and_not_timed(tmp_path, monkeypatch):
 
 
 def test_host_time_rows(tmp_path):
-    """python -m bench --host: one row per call with both sides timed, in a
-    CSV of its own; the kernels it stubs out without a GPU are put back."""
+    """python -m bench --host: one row per call with every path and torch
+    timed, in a CSV of its own; without a GPU under the stand-in driver, in a
+    child process (this one keeps its interpreter and its launch path)."""
     from bench import host
-    from tritonbn import kernels
-    before = {name: getattr(kernels, name) for name in dir(kernels) if name.startswith("bn_")}
+    from tritonbn import launcher
+    before = launcher.enabled, launcher.Launch.__call__
     df = runner.run(["--host", "--out", str(tmp_path)])
     (csv,) = tmp_path.glob("*-host.csv")
     saved = pd.read_csv(csv)
-    assert list(saved.call) == list(host.cases("cpu"))
-    assert (saved.tritonbn_us > 0).all() and (saved.torch_us > 0).all()
-    assert (saved.ratio - saved.tritonbn_us / saved.torch_us).abs().max() < 1e-9
-    assert saved.launches.iloc[0] == ("real" if torch.cuda.is_available() else "stubbed (interpreter)")
+    assert list(saved.call) == [*host.cases("cpu"), *host.split_cases("cpu")]
+    for column in ("own_us", "dispatch_us", "direct_us", "torch_us"):
+        assert (saved[column] > 0).all(), column
+    assert (saved.ratio - saved.direct_us / saved.torch_us).abs().max() < 1e-9
+    by_call = saved.set_index("call")
+    assert by_call.launches["batch_norm training forward, no_grad"] == 1
+    assert by_call.launches["batch_norm eval forward"] == 1
+    assert by_call.launches["split training forward, no_grad"] >= 2
+    assert by_call.allocations["batch_norm eval forward"] == 1  # y alone: no statistics without a gradient
+    assert saved.launch_path.iloc[0] == ("real" if torch.cuda.is_available()
+                                         else "stand-in driver (Triton's dispatch, no GPU)")
     assert len(df) == len(saved)
-    assert {name: getattr(kernels, name) for name in before} == before
+    assert (launcher.enabled, launcher.Launch.__call__) == before
