@@ -20,8 +20,10 @@ GPU machine) is missing. torch runs its CPU batch_norm on the same tensors.
 
 Each figure: the best over REPEATS of the mean CPU time per call
 (time.thread_time: time the process was descheduled does not count) of
-CALLS calls. Per row also: kernel launches per call (fills and memsets
-included) and tensors allocated per call.
+CALLS calls. Per row also: back-to-back calls per second of the direct path
+and of torch (wall clock; on a GPU, synchronized after the last call),
+kernel launches per call (fills and memsets included) and tensors
+allocated per call.
 """
 from __future__ import annotations
 
@@ -106,23 +108,26 @@ def _allocations():
 
 def _time_all(fns: dict[str, tuple[Callable, contextlib.AbstractContextManager]], calls: int,
               sync: Callable[[], None]) -> dict[str, float]:
-    """name -> best over REPEATS of the mean CPU microseconds per call; each
-    repeat times every fn in turn (its context entered around its calls), so
-    that all see the same machine load."""
+    """(name -> best over REPEATS of the mean CPU microseconds per call, name
+    -> the same in wall-clock microseconds, back to back, synchronized
+    after the last); each repeat times every fn in turn (its context entered
+    around its calls), so that all see the same machine load."""
     for fn, context in list(fns.values()) * 2:  # warm-up: plans, caches, the allocator
         with context():
             fn()
     best = dict.fromkeys(fns, float("inf"))
+    wall = dict.fromkeys(fns, float("inf"))
     for _ in range(REPEATS):
         for name, (fn, context) in fns.items():
             with context():
                 sync()
-                start = time.thread_time_ns()
+                start, start_wall = time.thread_time_ns(), time.perf_counter_ns()
                 for _ in range(calls):
                     fn()
                 sync()
                 best[name] = min(best[name], (time.thread_time_ns() - start) / calls / 1e3)
-    return best
+                wall[name] = min(wall[name], (time.perf_counter_ns() - start_wall) / calls / 1e3)
+    return best, wall
 
 
 def _counts(fn: Callable) -> tuple[int, int]:
@@ -218,6 +223,8 @@ def measure(device: str | None = None) -> list[dict]:
         raise SystemExit("no GPU: the host paths are timed under the stand-in driver "
                          "(python -m bench --host runs python -m bench.host for it)")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cpu":  # torch's CPU kernels on one thread: its dispatch is timed, not a thread pool's wake-up
+        torch.set_num_threads(1)
     calls = CALLS[device]
     rows = []
     groups = [(cases(device), contextlib.nullcontext()), (split_cases(device), autotune.use_tuner(SplitTuner()))]
@@ -228,13 +235,15 @@ def measure(device: str | None = None) -> list[dict]:
                 plans.clear()
                 fns = {p: (ours, lambda p=p: path(p)) for p in PATHS}
                 fns["torch"] = (theirs, contextlib.nullcontext)
-                us = _time_all(fns, calls, sync)
+                us, wall = _time_all(fns, calls, sync)
                 launches, allocations = _counts(ours)
                 rows.append(dict(call=name, shape="x".join(map(str, SPLIT_SHAPE if tuner is not groups[0][1]
                                                                    else SHAPE)),
                                  own_us=us["own"], dispatch_us=us["dispatch"], direct_us=us["direct"],
                                  torch_us=us["torch"], ratio=us["direct"] / us["torch"],
-                                 dispatch_ratio=us["dispatch"] / us["torch"], launches=launches,
+                                 dispatch_ratio=us["dispatch"] / us["torch"],
+                                 calls_per_s=1e6 / wall["direct"], torch_calls_per_s=1e6 / wall["torch"],
+                                 launches=launches,
                                  allocations=allocations))
     return rows
 

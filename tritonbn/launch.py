@@ -131,7 +131,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     y = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device)
     r = x if residual is None else residual
     if not p.training:
-        kernel = kernels.bn_inference_flat_kernel if p.regime == "flat" else kernels.bn_inference_kernel
+        kernel = "bn_inference_flat_kernel" if p.regime == "flat" else "bn_inference_kernel"
         if not keep_stats:
             launch(p, "inference, no stats", kernel, p.grid, p.stats_free_args)(
                 x, y, r, x if weight is None else weight, x if bias is None else bias, running_mean,
@@ -150,22 +150,22 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     rv = dummy if running_var is None else running_var
     nbt = dummy if num_batches_tracked is None else num_batches_tracked
     if p.regime == "resident":
-        launch(p, "resident", kernels.bn_fwd_resident_kernel, p.grid, p.args)(
+        launch(p, "resident", "bn_fwd_resident_kernel", p.grid, p.args)(
             x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd)
         return y, save_mean, save_invstd
     if p.regime == "cooperative":
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            launch(p, f"cooperative {phase}", kernels.bn_fwd_coop_kernel, p.grid, dict(p.args, PHASE=phase))(
+            launch(p, f"cooperative {phase}", "bn_fwd_coop_kernel", p.grid, dict(p.args, PHASE=phase))(
                 x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags)
         return y, save_mean, save_invstd
     if partials is None:
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        launch(p, "stats", kernels.bn_fwd_stats_kernel, p.grid, p.stats_args)(x, partials)
-    launch(p, "merge", kernels.bn_fwd_merge_kernel, p.merge_grid, p.merge_args)(
+        launch(p, "stats", "bn_fwd_stats_kernel", p.grid, p.stats_args)(x, partials)
+    launch(p, "merge", "bn_fwd_merge_kernel", p.merge_grid, p.merge_args)(
         partials, partials, save_mean, save_invstd, rm, rv, nbt)
-    launch(p, "normalize", kernels.bn_fwd_normalize_kernel, p.grid, p.args)(x, y, r, w, b, save_mean, save_invstd)
+    launch(p, "normalize", "bn_fwd_normalize_kernel", p.grid, p.args)(x, y, r, w, b, save_mean, save_invstd)
     return y, save_mean, save_invstd
 
 
@@ -245,7 +245,7 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     db_ = dummy if db is None else db
     dr_ = dx_ if dr is None else dr
     if p.regime == "resident":
-        launch(p, "resident", kernels.bn_bwd_resident_kernel, p.grid, p.args)(
+        launch(p, "resident", "bn_bwd_resident_kernel", p.grid, p.args)(
             x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_)
         return dx, dw, db, dr
     if p.regime == "cooperative":
@@ -253,17 +253,17 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
         scratch = torch.empty(2 * (p.num_splits + 1) * C, dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            launch(p, f"cooperative {phase}", kernels.bn_bwd_coop_kernel, p.grid, dict(p.args, PHASE=phase))(
+            launch(p, f"cooperative {phase}", "bn_bwd_coop_kernel", p.grid, dict(p.args, PHASE=phase))(
                 x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
                 scratch[:2 * p.num_splits * C], scratch[2 * p.num_splits * C:], flags)
         return dx, dw, db, dr
     if partials is None and p.has_sums:
         partials = torch.empty((2, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        launch(p, "sums", kernels.bn_bwd_sums_kernel, p.grid, p.sums_args)(
+        launch(p, "sums", "bn_bwd_sums_kernel", p.grid, p.sums_args)(
             x, grad_out, y, w, b, save_mean, save_invstd, partials)
-        launch(p, "reduce", kernels.bn_bwd_reduce_kernel, p.reduce_grid, p.reduce_args)(partials, dw_, db_)
+        launch(p, "reduce", "bn_bwd_reduce_kernel", p.reduce_grid, p.reduce_args)(partials, dw_, db_)
     if dx is not None or dr is not None:
-        launch(p, "dx", kernels.bn_bwd_dx_kernel, p.grid, p.args)(
+        launch(p, "dx", "bn_bwd_dx_kernel", p.grid, p.args)(
             x, grad_out, dx_, y, dr_, dummy if partials is None else partials, w, b, save_mean, save_invstd)
     return dx, dw, db, dr
 

@@ -67,36 +67,42 @@ def _no_hooks() -> bool:
 class Launch:
     """One kernel launch of a plan: ``launch(*tensors)`` with the tensor
     arguments (the kernel's leading parameters, positionally); ``kwargs``
-    holds every other parameter and the launch options (num_warps)."""
+    holds every other parameter and the launch options (num_warps). The
+    kernel is tritonbn.kernels' attribute ``name``, read at every launch, so
+    that a kernel swapped there (a test's spy, a tool's recorder) is the one
+    launched; a direct launch is taken only for the kernel it was found for."""
 
-    __slots__ = ("kernel", "grid", "kwargs", "direct")
+    __slots__ = ("name", "grid", "kwargs", "kernel", "direct")
 
-    def __init__(self, kernel, grid: tuple[int, ...], kwargs: dict):
-        self.kernel = kernel
+    def __init__(self, name: str, grid: tuple[int, ...], kwargs: dict):
+        self.name = name
         self.grid = grid
         self.kwargs = kwargs
-        self.direct = None  # (launcher, function, packed metadata, tail, device, grid) once known
+        self.kernel = None  # the kernel the direct launch was prepared for
+        self.direct = None  # (launcher, function, packed metadata, tail, device, grid, driver) once known
 
     def __call__(self, *tensors) -> None:
+        kernel = getattr(kernels, self.name)
         direct = self.direct
-        if direct is not None and enabled and _no_hooks() and not self.kernel.pre_run_hooks:
+        if direct is not None and kernel is self.kernel and enabled and _no_hooks() and not kernel.pre_run_hooks:
             run, function, packed, tail, device, (g0, g1, g2), driver = direct
             if driver.get_current_device() == device:
                 run(g0, g1, g2, driver.get_current_stream(device), function, packed, None, None, None,
                     *tensors, *tail)
                 return
-        compiled = self.kernel[self.grid](*tensors, **self.kwargs)
-        if direct is None and enabled and compiled is not None:
-            self.direct = _prepare(self.kernel, compiled, self.grid, len(tensors), self.kwargs)
+        compiled = kernel[self.grid](*tensors, **self.kwargs)
+        if enabled and kernel is not self.kernel and compiled is not None:
+            self.kernel, self.direct = kernel, _prepare(kernel, compiled, self.grid, len(tensors), self.kwargs)
 
 
 def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
     """What a direct launch of ``compiled`` needs: its launcher and function
     (loaded by the launch that just ran), and the parameters after the
     tensors in signature order (constexprs included: the launcher skips
-    them, as it does for Triton's own call)."""
+    them, as it does for Triton's own call). None where kernel is not a
+    JITFunction (a test's spy)."""
     params = getattr(kernel, "params", None)
-    if params is None or not hasattr(compiled, "packed_metadata"):
+    if params is None or not hasattr(kernel, "pre_run_hooks") or not hasattr(compiled, "packed_metadata"):
         return None
     tail = []
     for param in params[num_tensors:]:
@@ -112,10 +118,11 @@ def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
             driver.get_current_device(), grid, driver)
 
 
-def launch(plan, site: str, kernel, grid: tuple[int, ...], kwargs: dict) -> Launch:
-    """The plan's Launch for one call site (its kernel, grid and arguments
-    fixed by the plan), made on first use."""
+def launch(plan, site: str, name: str, grid: tuple[int, ...], kwargs: dict) -> Launch:
+    """The plan's Launch for one call site (kernel ``name`` of
+    tritonbn.kernels, grid and arguments fixed by the plan), made on first
+    use."""
     found = plan.launches.get(site)
     if found is None:
-        found = plan.launches[site] = Launch(kernel, grid, kwargs)
+        found = plan.launches[site] = Launch(name, grid, kwargs)
     return found
