@@ -20,13 +20,16 @@ forward's output y > 0 and 0 elsewhere, never from a stored pre-activation:
 
 resident  grid (cdiv(C, BLOCK_C),): x and dy of a channel block in registers,
           reduce, then dx. 2 reads, 1 write.
-split     ``bn_bwd_sums_kernel``, grid (cdiv(C, BLOCK_C), SPLIT_N, SPLIT_S),
-          writes per-(split, channel) partial sums; ``bn_bwd_reduce_kernel``,
-          grid (cdiv(C, BLOCK_C),), adds each channel's up once, in a fixed
-          order (no atomics: bitwise reproducible), and writes dweight / dbias
-          and the totals dx needs; ``bn_bwd_dx_kernel``, the sums kernel's
-          grid, writes dx for each program's share. 4 reads, 1 write. Eval
-          mode without weight/bias gradients skips the sums entirely.
+split     2 launches. ``bn_bwd_sums_kernel``, grid (cdiv(C, BLOCK_C),
+          SPLIT_N, SPLIT_S), writes per-(split, channel) partial sums; the
+          last program of a channel block to arrive at its counter (REDUCE;
+          nobody waits) adds the block's up once, in a fixed order (bitwise
+          reproducible), and writes dweight / dbias and the totals dx
+          needs; ``bn_bwd_dx_kernel``, the sums kernel's grid, writes dx for
+          each program's share. 4 reads, 1 write. Eval mode without
+          weight/bias gradients skips the sums entirely.
+          ``bn_bwd_reduce_kernel`` is the same reduction as a launch of its
+          own (the tests' reference for the in-kernel one).
 cooperative  ``bn_bwd_coop_kernel``, grid (GROUP, groups): a channel block's
           x and dy held by GROUP programs that exchange partial sums, as
           forward.bn_fwd_coop_kernel does (PHASE 0 on a GPU, shares handed
@@ -48,7 +51,9 @@ def bn_bwd_sums_kernel(
     Y,              # (N, C, S) the forward's output, read when RELU
     Weight, Bias,   # [C] or dummies, read when RELU_FROM_X
     Mean, Invstd,   # [C] saved by the forward
-    Partials,       # [2, P, C] sum g, sum g * xhat per (split, channel)
+    Partials,       # [2, P, C] sum g, sum g * xhat per (split, channel); row 0 receives the totals (STORE_SUMS)
+    DWeight, DBias,  # [C] outputs, or dummies, when REDUCE
+    Counters,       # int32 [cdiv(C, BLOCK_C)], zero at launch and left at zero, when REDUCE
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_gn, stride_gc, stride_gs,
@@ -56,9 +61,16 @@ def bn_bwd_sums_kernel(
     n_per_split, s_per_split,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr,
+    REDUCE: tl.constexpr, STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, STORE_SUMS: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    """Each program's partial sums of its share of its channels. REDUCE: the
+    last program of a channel block to arrive at its counter (the others do
+    not wait) sets the counter back to zero and sums the block's partials as
+    bn_bwd_reduce_kernel does (same order, same results): dweight / dbias,
+    and with STORE_SUMS the totals over partial row 0 for bn_bwd_dx_kernel."""
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -94,6 +106,13 @@ def bn_bwd_sums_kernel(
     base = split * C + cols
     tl.store(Partials + base, sum_g, mask=cmask)
     tl.store(Partials + num_splits * C + base, sum_g_xhat, mask=cmask)
+    if REDUCE:
+        if arrive(Counters + pid_c) == num_splits - 1:
+            tl.atomic_xchg(Counters + pid_c, 0, sem="relaxed", scope="gpu")
+            # the other programs' partials: from L2, never a stale L1 line
+            sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
+            store_sums(DWeight, DBias, Partials, num_splits * C, cols, cmask, sum_g, sum_g_xhat,
+                       STORE_DWEIGHT, STORE_DBIAS, STORE_SUMS)
 
 
 @triton.jit

@@ -19,14 +19,16 @@ cooperative  ``bn_fwd_coop_kernel``, grid (GROUP, groups): a channel block's
           interpreter (programs run one after another) the launcher runs it
           in two launches, PHASE 1 (partials, merge) then PHASE 2 (normalize,
           reading x again); on a GPU PHASE 0 does both with x kept on chip.
-split     3 launches. ``bn_fwd_stats_kernel``, grid (cdiv(C, BLOCK_C),
+split     2 launches. ``bn_fwd_stats_kernel``, grid (cdiv(C, BLOCK_C),
           SPLIT_N, SPLIT_S): one Welford partial (count, mean, m2) per
-          (split, channel) in the accumulation dtype. ``bn_fwd_merge_kernel``,
-          grid (cdiv(C, BLOCK_C),): merges each channel's partials once, in a
-          fixed order, writes save_mean / save_invstd and updates the running
-          statistics. ``bn_fwd_normalize_kernel``, the stats kernel's grid:
-          each program reads its channels' mean / invstd and normalizes its
-          share. 2 reads, 1 write; no atomics: bitwise reproducible.
+          (split, channel) in the accumulation dtype; each program then
+          counts itself in at its channel block's counter (MERGE), and the
+          last to arrive -- nobody waits -- resets the counter, merges the
+          block's partials once, in a fixed order, writes save_mean /
+          save_invstd and updates the running statistics.
+          ``bn_fwd_normalize_kernel``, the stats kernel's grid: each program
+          reads its channels' mean / invstd and normalizes its share. 2
+          reads, 1 write; integer atomics only: bitwise reproducible.
 
 SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
 partials of every process in between: ``bn_fwd_merge_kernel`` merges one
@@ -74,12 +76,23 @@ def welford_edge_tiles(
 def bn_fwd_stats_kernel(
     X,              # (N, C, S) input, strides (stride_xn, stride_xc, stride_xs)
     Partials,       # [3, P, C] count, mean, m2 per (split, channel); P = SPLIT_N * SPLIT_S
+    SaveMean, SaveInvstd,       # [C] ACC_DTYPE outputs, when MERGE
+    RunningMean, RunningVar, NumBatchesTracked,  # updated when MERGE and UPDATE_RUNNING
+    Counters,       # int32 [cdiv(C, BLOCK_C)], zero at launch and left at zero, when MERGE
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     n_per_split, s_per_split,   # multiples of BLOCK_N / BLOCK_S
+    momentum_hi, momentum_lo, eps_hi, eps_lo,
+    MERGE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
+    """Each program's Welford partial of its share of its channels. MERGE: the
+    last program of a channel block to arrive at its counter (the others do
+    not wait) sets the counter back to zero, merges the block's partials as
+    bn_fwd_merge_kernel does (same order, same results), writes save_mean /
+    save_invstd and updates the running statistics."""
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -122,6 +135,14 @@ def bn_fwd_stats_kernel(
     tl.store(Partials + base, count, mask=cmask)
     tl.store(Partials + num_splits * C + base, mean, mask=cmask)
     tl.store(Partials + 2 * num_splits * C + base, m2, mask=cmask)
+    if MERGE:
+        if arrive(Counters + pid_c) == num_splits - 1:
+            tl.atomic_xchg(Counters + pid_c, 0, sem="relaxed", scope="gpu")
+            # the other programs' partials: from L2, never a stale L1 line
+            count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
+            store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
+                                cols, cmask, count, mean, m2, momentum_hi, momentum_lo, eps_hi, eps_lo,
+                                UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
 
 
 @triton.jit

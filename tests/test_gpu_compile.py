@@ -51,7 +51,8 @@ def test_every_kernel_variant_compiles_for_sm90():
     assert not failed, "\n".join(f"{r['kernel']} {r['dtype']} {r['layout']} {r['flags']}: {r['error']}"
                                  for r in failed)
     kernels = {r["kernel"] for r in rows}
-    assert len(kernels) == 12 and any(r["int64"] for r in rows)
+    # every kernel but bn_bwd_reduce_kernel, which the launches no longer use (the sums kernel reduces)
+    assert len(kernels) == 11 and any(r["int64"] for r in rows)
     assert {r["dtype"] for r in rows} == {"fp32", "fp16", "bf16", "fp64"}
     spilled = [r for r in rows if r["spill_bytes"] and r["dtype"] != "fp64"]
     assert not spilled, spilled

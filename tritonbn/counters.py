@@ -24,7 +24,7 @@ import torch
 
 _buffers: dict[tuple, torch.Tensor] = {}
 _captured: list[torch.Tensor] = []  # counters that captured graphs use: they must outlive the graphs
-MIN_COUNTERS = 1024
+MIN_COUNTERS = 4096  # 16 KB: a channel block per counter up to C = 4096 at BLOCK_C = 1
 
 
 def _stream_key(device: torch.device) -> tuple:

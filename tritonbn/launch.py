@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from . import kernels, plans
+from . import counters, kernels, plans
 from .launcher import launch
 from .autotune import LaunchConfig, choose_config
 from .autotune.config import heuristic, next_power_of_2
@@ -160,11 +160,13 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
             launch(p, f"cooperative {phase}", "bn_fwd_coop_kernel", p.grid, dict(p.args, PHASE=phase))(
                 x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags)
         return y, save_mean, save_invstd
-    if partials is None:
+    if partials is None:  # statistics, merged by each channel block's last program
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        launch(p, "stats", "bn_fwd_stats_kernel", p.grid, p.stats_args)(x, partials)
-    launch(p, "merge", "bn_fwd_merge_kernel", p.merge_grid, p.merge_args)(
-        partials, partials, save_mean, save_invstd, rm, rv, nbt)
+        launch(p, "stats", "bn_fwd_stats_kernel", p.grid, p.stats_args)(
+            x, partials, save_mean, save_invstd, rm, rv, nbt, counters.zeroed(device, p.grid[0]))
+    else:  # partials made elsewhere (SyncBatchNorm)
+        launch(p, "merge", "bn_fwd_merge_kernel", p.merge_grid, p.merge_args)(
+            partials, partials, save_mean, save_invstd, rm, rv, nbt)
     launch(p, "normalize", "bn_fwd_normalize_kernel", p.grid, p.args)(x, y, r, w, b, save_mean, save_invstd)
     return y, save_mean, save_invstd
 
@@ -260,8 +262,7 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     if partials is None and p.has_sums:
         partials = torch.empty((2, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         launch(p, "sums", "bn_bwd_sums_kernel", p.grid, p.sums_args)(
-            x, grad_out, y, w, b, save_mean, save_invstd, partials)
-        launch(p, "reduce", "bn_bwd_reduce_kernel", p.reduce_grid, p.reduce_args)(partials, dw_, db_)
+            x, grad_out, y, w, b, save_mean, save_invstd, partials, dw_, db_, counters.zeroed(device, p.grid[0]))
     if dx is not None or dr is not None:
         launch(p, "dx", "bn_bwd_dx_kernel", p.grid, p.args)(
             x, grad_out, dx_, y, dr_, dummy if partials is None else partials, w, b, save_mean, save_invstd)
@@ -287,10 +288,13 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
         return merged
     x, view, fmt = plans.canonical(x)
     cfg = _split_config("forward", view, x)
-    p = plans.forward_plan(x, view, fmt, cfg, training=True, weight=None, bias=None, update=False,
-                           momentum=0.0, eps=0.0, residual=None, r_strides=(0, 0, 0), relu=False)
-    partials = torch.empty((3, p.num_splits, view.C), dtype=acc, device=x.device)
-    kernels.bn_fwd_stats_kernel[p.grid](x, partials, **p.stats_args)
+    grid, _, _ = plans.grid_split(view, cfg)
+    num_splits = grid[1] * grid[2]
+    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
+    # no merge in the kernel (MERGE=False): the triples are all-gathered first
+    kernels.bn_fwd_stats_kernel[grid](x, partials, partials, partials, partials, partials, partials, partials,
+                                      **plans.stats_args(x, view, cfg, num_splits, momentum=0.0, eps=0.0,
+                                                         update=False, merge=False))
     _merge(partials, merged, None, None, None, None, None, None, 0.0, cfg.block_c)
     return merged
 

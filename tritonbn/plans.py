@@ -257,12 +257,13 @@ def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, .
 
 @dataclass(eq=False)
 class ForwardPlan:
-    """Training forward (regime resident: one kernel; split: stats, merge,
-    normalize) or inference (one kernel, regime flat or split). ``args``: the
-    scalar and constexpr keyword arguments of the kernel that writes y;
-    ``stats_args`` /
-    ``merge_args``: those of the split regime's statistics and merge kernels,
-    the merge on grid ``merge_grid``."""
+    """Training forward (regime resident: one kernel; split: stats with their
+    merge, then normalize) or inference (one kernel, regime flat or split).
+    ``args``: the scalar and constexpr keyword arguments of the kernel that
+    writes y; ``stats_args``: the split regime's statistics kernel's (its
+    last program per channel block merges); ``merge_args``, on grid
+    ``merge_grid``: bn_fwd_merge_kernel's, for statistics merged from
+    partials made elsewhere (SyncBatchNorm)."""
 
     training: bool
     regime: str
@@ -333,17 +334,33 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
         if cfg.regime == "cooperative":
             _cooperative(plan, view, cfg, x.device, x.element_size())
         return plan
+    args.update(n_per_split=n_per_split, s_per_split=s_per_split)
     if num_splits is None:
-        num_splits = grid[1] * grid[2]
-        plan.stats_args = dict(N=view.N, C=view.C, S=view.S, **named_strides("x", strides_in(x, view)),
-                               n_per_split=n_per_split, s_per_split=s_per_split, **meta(view, cfg, x))
+        # statistics kernel; its last program per channel block merges (MERGE)
+        plan.num_splits = grid[1] * grid[2]
+        plan.stats_args = stats_args(x, view, cfg, plan.num_splits, momentum=momentum, eps=eps, update=update)
+        return plan
     plan.num_splits = num_splits
     plan.merge_grid = (grid[0],)
     plan.merge_args = dict(C=view.C, **merge_args(num_splits, cfg.block_c, stats_dtype, momentum=momentum,
                                                   eps=eps, update=update, store_merged=False,
                                                   store_stats=True))
-    args.update(n_per_split=n_per_split, s_per_split=s_per_split)
     return plan
+
+
+def stats_args(x, view: View, cfg: LaunchConfig, num_splits: int, *, momentum, eps: float, update: bool,
+               merge: bool = True) -> dict:
+    """bn_fwd_stats_kernel's scalar and constexpr arguments. merge: its last
+    program per channel block merges the partials (as bn_fwd_merge_kernel
+    would), writes the statistics and updates the running stats."""
+    momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
+    eps_hi, eps_lo = hi_lo(eps)
+    _, n_per_split, s_per_split = grid_split(view, cfg)
+    return dict(N=view.N, C=view.C, S=view.S, **named_strides("x", strides_in(x, view)),
+                n_per_split=n_per_split, s_per_split=s_per_split, momentum_hi=momentum_hi,
+                momentum_lo=momentum_lo, eps_hi=eps_hi, eps_lo=eps_lo, MERGE=merge,
+                UPDATE_RUNNING=merge and update, CUMULATIVE_AVERAGE=momentum is None,
+                SPLIT_BLOCK=split_block(num_splits, cfg.block_c), **meta(view, cfg, x))
 
 
 def flat_row_stride(t: torch.Tensor, view: View) -> int | None:
@@ -407,11 +424,11 @@ def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device, item
 
 @dataclass(eq=False)
 class BackwardPlan:
-    """Backward (regime resident: one kernel; split: sums, reduce, then dx
-    where an elementwise gradient is asked for). ``args``: the dx (or
-    resident) kernel's scalar and constexpr keyword arguments; ``sums_args`` /
-    ``reduce_args``: the split regime's sums and reduce kernels', the reduce
-    on grid ``reduce_grid``."""
+    """Backward (regime resident: one kernel; split: sums with their
+    reduction, then dx where an elementwise gradient is asked for). ``args``:
+    the dx (or resident) kernel's scalar and constexpr keyword arguments;
+    ``sums_args``: the split regime's sums kernel's (its last program per
+    channel block sums the partials)."""
 
     regime: str
     view: View
@@ -427,8 +444,6 @@ class BackwardPlan:
     grid: tuple[int, ...]
     args: dict
     sums_args: dict = field(default_factory=dict)
-    reduce_grid: tuple[int, ...] = ()
-    reduce_args: dict = field(default_factory=dict)
     num_splits: int = 1
     phases: tuple[int, ...] = ()
     num_flags: int = 0
@@ -443,7 +458,7 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
     available (a weight, a bias_dtype). has_bias: a bias is read for the
     recomputed ReLU mask. partials_given (SyncBatchNorm): the two sums per
     channel come from all processes, [2, 1, C], already divided by m (count
-    1.0), so neither the sums nor the reduce kernel runs."""
+    1.0), so the sums kernel does not run."""
     need_dx, need_dw, need_db = output_mask
     size, stride = _allocation(x, fmt)
     out_meta = torch.empty_strided(size, stride, dtype=x.dtype, device="meta")
@@ -477,13 +492,13 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
                 plan.phases = (0,)
         return plan
     if has_sums and not partials_given:
+        # sums kernel; its last program per channel block sums the partials (REDUCE)
         plan.num_splits = grid[1] * grid[2]
         plan.sums_args = dict(N=view.N, C=view.C, S=view.S, **input_strides, n_per_split=n_per_split,
-                              s_per_split=s_per_split, **affine_args, **meta(view, cfg, x, grad_out, output))
-        plan.reduce_grid = (grid[0],)
-        plan.reduce_args = dict(C=view.C, num_splits=plan.num_splits, STORE_DWEIGHT=need_dw,
-                                STORE_DBIAS=need_db, STORE_SUMS=training,
-                                SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c), BLOCK_C=cfg.block_c)
+                              s_per_split=s_per_split, **affine_args, REDUCE=True, STORE_DWEIGHT=need_dw,
+                              STORE_DBIAS=need_db, STORE_SUMS=training,
+                              SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c),
+                              **meta(view, cfg, x, grad_out, output))
     args.update(n_per_split=n_per_split, s_per_split=s_per_split, stride_sums=plan.num_splits * view.C,
                 count=float(view.N * view.S) if count is None else count)
     return plan
