@@ -47,6 +47,8 @@ if __name__ == "__main__" and sys.argv[1:] == ["--standin"]:
 import tritonbn  # noqa: E402
 from tritonbn import autotune, launcher, plans  # noqa: E402
 
+from . import allocations  # noqa: E402
+
 SHAPE = (4, 8, 3, 3)
 SPLIT_SHAPE = (8, 16, 8, 8)  # run in the split regime (SplitTuner) for the split rows
 CALLS = {"cpu": 200, "cuda": 500}
@@ -78,32 +80,6 @@ class SplitTuner(autotune.Tuner):
         if problem.op == "inference":
             return super().choose(problem, trial)
         return autotune.heuristic(problem, allow_resident=False)
-
-
-@contextlib.contextmanager
-def _allocations():
-    """Counts, in a dict, the tensors made through torch's factory functions
-    in the block ("all") and the filled ones among them ("fills": zeros,
-    full, ...: a fill kernel of its own on a GPU)."""
-    counts = dict(all=0, fills=0)
-    empty = ("empty", "empty_strided", "empty_like")
-    fills = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like")
-    originals = {name: getattr(torch, name) for name in empty + fills}
-
-    def counting(name, original):
-        def factory(*args, **kwargs):
-            counts["all"] += 1
-            counts["fills"] += name in fills
-            return original(*args, **kwargs)
-        return factory
-
-    for name, original in originals.items():
-        setattr(torch, name, counting(name, original))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch, name, original)
 
 
 def _time_all(fns: dict[str, tuple[Callable, contextlib.AbstractContextManager]], calls: int,
@@ -143,11 +119,11 @@ def _counts(fn: Callable) -> tuple[int, int]:
 
     launcher.Launch.__call__ = counted
     try:
-        with _allocations() as allocations:
+        with allocations.counting() as made:
             fn()
     finally:
         launcher.Launch.__call__ = call
-    return launches + allocations["fills"], allocations["all"]
+    return launches + made["fills"], made["all"]
 
 
 def cases(device: str, shape: tuple[int, ...] = SHAPE) -> dict[str, tuple[Callable, Callable]]:
@@ -208,7 +184,7 @@ def cases(device: str, shape: tuple[int, ...] = SHAPE) -> dict[str, tuple[Callab
 
 
 def split_cases(device: str) -> dict[str, tuple[Callable, Callable]]:
-    """The split regime's rows (2 or 3 launches a call), on SPLIT_SHAPE."""
+    """The split regime's rows, on SPLIT_SHAPE."""
     both = cases(device, SPLIT_SHAPE)
     wanted = {"batch_norm training forward, no_grad": "split training forward, no_grad",
               "training forward + backward": "split training forward + backward"}
@@ -227,8 +203,9 @@ def measure(device: str | None = None) -> list[dict]:
         torch.set_num_threads(1)
     calls = CALLS[device]
     rows = []
-    groups = [(cases(device), contextlib.nullcontext()), (split_cases(device), autotune.use_tuner(SplitTuner()))]
-    for group, tuner in groups:
+    groups = [(cases(device), SHAPE, contextlib.nullcontext()),
+              (split_cases(device), SPLIT_SHAPE, autotune.use_tuner(SplitTuner()))]
+    for group, shape, tuner in groups:
         with tuner:
             for name, (ours, theirs) in group.items():
                 gc.collect()
@@ -236,15 +213,13 @@ def measure(device: str | None = None) -> list[dict]:
                 fns = {p: (ours, lambda p=p: path(p)) for p in PATHS}
                 fns["torch"] = (theirs, contextlib.nullcontext)
                 us, wall = _time_all(fns, calls, sync)
-                launches, allocations = _counts(ours)
-                rows.append(dict(call=name, shape="x".join(map(str, SPLIT_SHAPE if tuner is not groups[0][1]
-                                                                   else SHAPE)),
+                launches, allocated = _counts(ours)
+                rows.append(dict(call=name, shape="x".join(map(str, shape)),
                                  own_us=us["own"], dispatch_us=us["dispatch"], direct_us=us["direct"],
                                  torch_us=us["torch"], ratio=us["direct"] / us["torch"],
                                  dispatch_ratio=us["dispatch"] / us["torch"],
                                  calls_per_s=1e6 / wall["direct"], torch_calls_per_s=1e6 / wall["torch"],
-                                 launches=launches,
-                                 allocations=allocations))
+                                 launches=launches, allocations=allocated))
     return rows
 
 

@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import torch
 
+from bench.allocations import counting
 from bench.kernel_report import Launch, Variant, bind, compile_variant, progress_bar, recording, tile_text
 from tritonbn.autotune.config import FIT_BYTES  # a channel's slab the single-read regimes hold
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, RESNET50_BATCHES, in_layout, select_shapes
@@ -363,33 +364,14 @@ def record(op: str, x: torch.Tensor, config) -> list[Launch]:
     return record_with_fills(op, x, config)[0]
 
 
-_FILLS = ("zeros", "ones", "full", "zeros_like", "ones_like", "full_like")
-
-
 def record_with_fills(op: str, x: torch.Tensor, config) -> tuple[list[Launch], int]:
     """The kernel launches of one call of op, and how many filled tensors
     (torch.zeros, ...: a memset launch of its own on a GPU) the call makes."""
-    fills = 0
-    originals = {name: getattr(torch, name) for name in _FILLS}
-
-    def counting(original):
-        def fill(*args, **kwargs):
-            nonlocal fills
-            fills += 1
-            return original(*args, **kwargs)
-        return fill
-
     from tritonbn import counters
     counters.zeroed(x.device, 1)  # the per-stream counters: made (filled) once per process, not per call
-    for name, original in originals.items():
-        setattr(torch, name, counting(original))
-    try:
-        with recording() as log:
-            call_op(op, x, config)
-    finally:
-        for name, original in originals.items():
-            setattr(torch, name, original)
-    return log, fills
+    with counting() as made, recording() as log:
+        call_op(op, x, config)
+    return log, made["fills"]
 
 
 def minimal_bytes(op: str, x: torch.Tensor) -> tuple[int, int, bool]:

@@ -17,6 +17,7 @@ address mod 16). Writes a JSON report to OUT_FILE.
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 
@@ -63,17 +64,14 @@ triton.runtime.jit.JITFunction.run = _counted_run
 def tensors(shape, dtype, layout, offset=0):
     """An uninitialized tensor (the stand-in computes nothing), offset
     elements into its storage when asked (a misaligned pointer)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    flat = torch.empty(numel + offset, dtype=dtype)[offset:]
+    flat = torch.empty(math.prod(shape) + offset, dtype=dtype)[offset:]
     if layout == "channels_last":
         n, c, h, w = shape
         return flat.view(n, h, w, c).permute(0, 3, 1, 2)
     return flat.view(shape)
 
 
-def case_calls(name: str, x: torch.Tensor, param_offset: int = 0):
+def case_calls(x: torch.Tensor, param_offset: int = 0):
     """The calls of one case: (label, no-argument function, named tensors)."""
     C = x.shape[1]
     pdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -153,14 +151,14 @@ def main(out_file: str, quick: bool) -> None:
     with autotune.use_tuner(GPUHeuristic()):
         for (C, H), dtype, layout in itertools.product(shapes, dtypes, ("contiguous", "channels_last")):
             x = tensors((32, C, H, H), dtype, layout)
-            calls, named = case_calls("", x)
+            calls, named = case_calls(x)
             for label, fn in calls.items():
                 report["cases"] += 1
                 check(f"{label} {tuple(x.shape)} {dtype} {layout}", fn, named, report)
         # What the JIT specializes on changes: the plan key changes with it, and
         # the direct launch takes the kernel the JIT picks for the new arguments.
         base = tensors((32, 64, 7, 7), torch.float32, "contiguous")
-        calls_base, named = case_calls("", base)
+        calls_base, named = case_calls(base)
         kernels = check("base", calls_base["forward"], named, report)
 
         def base_plan():  # the base call's plan, launching directly, kept for the next variation
@@ -169,11 +167,11 @@ def main(out_file: str, quick: bool) -> None:
 
         base_plan()
         variations = {
-            "misaligned weight": case_calls("", base, param_offset=1),
-            "misaligned x": case_calls("", tensors((32, 64, 7, 7), torch.float32, "contiguous", offset=1)),
-            "a stride of 1 (N = 1)": case_calls("", tensors((1, 64, 7, 7), torch.float32, "contiguous")),
-            "float64": case_calls("", tensors((32, 64, 7, 7), torch.float64, "contiguous")),
-            "S divisible by 16": case_calls("", tensors((32, 64, 8, 8), torch.float32, "contiguous")),
+            "misaligned weight": case_calls(base, param_offset=1),
+            "misaligned x": case_calls(tensors((32, 64, 7, 7), torch.float32, "contiguous", offset=1)),
+            "a stride of 1 (N = 1)": case_calls(tensors((1, 64, 7, 7), torch.float32, "contiguous")),
+            "float64": case_calls(tensors((32, 64, 7, 7), torch.float64, "contiguous")),
+            "S divisible by 16": case_calls(tensors((32, 64, 8, 8), torch.float32, "contiguous")),
         }
         for label, (calls, named) in variations.items():
             changed = check(label, calls["forward"], named, report, fresh=False)

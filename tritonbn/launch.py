@@ -157,7 +157,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            launch(p, f"cooperative {phase}", "bn_fwd_coop_kernel", p.grid, dict(p.args, PHASE=phase))(
+            launch(p, f"cooperative {phase}", "bn_fwd_coop_kernel", p.grid, p.args, PHASE=phase)(
                 x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags)
         return y, save_mean, save_invstd
     if partials is None:  # statistics, merged by each channel block's last program
@@ -255,7 +255,7 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
         scratch = torch.empty(2 * (p.num_splits + 1) * C, dtype=p.stats_dtype, device=device)
         flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
         for phase in p.phases:
-            launch(p, f"cooperative {phase}", "bn_bwd_coop_kernel", p.grid, dict(p.args, PHASE=phase))(
+            launch(p, f"cooperative {phase}", "bn_bwd_coop_kernel", p.grid, p.args, PHASE=phase)(
                 x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,
                 scratch[:2 * p.num_splits * C], scratch[2 * p.num_splits * C:], flags)
         return dx, dw, db, dr

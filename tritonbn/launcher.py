@@ -118,11 +118,12 @@ def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
             driver.get_current_device(), grid, driver)
 
 
-def launch(plan, site: str, name: str, grid: tuple[int, ...], kwargs: dict) -> Launch:
+def launch(plan, site: str, name: str, grid: tuple[int, ...], kwargs: dict, **extra) -> Launch:
     """The plan's Launch for one call site (kernel ``name`` of
     tritonbn.kernels, grid and arguments fixed by the plan), made on first
-    use."""
+    use; ``extra`` keyword arguments (a cooperative launch's PHASE) are
+    merged into kwargs then, not on every call."""
     found = plan.launches.get(site)
     if found is None:
-        found = plan.launches[site] = Launch(name, grid, kwargs)
+        found = plan.launches[site] = Launch(name, grid, dict(kwargs, **extra) if extra else kwargs)
     return found
