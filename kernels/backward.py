@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, load_channel, load_grad, raise_flag, relu_mask_from_x,
-    saved_affine, split_range, tile_offsets, wait_or_hand_over,
+    HANDED_OVER, affine, arrive, claim_shares, depart, load_channel, load_grad, raise_flag, relu_mask_from_x,
+    reset_arrivals, saved_affine, split_range, tile_offsets, wait_or_hand_over,
 )
 
 
@@ -108,7 +108,7 @@ def bn_bwd_sums_kernel(
     tl.store(Partials + num_splits * C + base, sum_g_xhat, mask=cmask)
     if REDUCE:
         if arrive(Counters + pid_c) == num_splits - 1:
-            tl.atomic_xchg(Counters + pid_c, 0, sem="relaxed", scope="gpu")
+            reset_arrivals(Counters + pid_c)
             # the other programs' partials: from L2, never a stale L1 line
             sum_g, sum_g_xhat = sum_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
             store_sums(DWeight, DBias, Partials, num_splits * C, cols, cmask, sum_g, sum_g_xhat,
@@ -380,7 +380,8 @@ def bn_bwd_coop_kernel(
     X, DY, DX, Y, DR, Weight, Bias, Mean, Invstd, DWeight, DBias,  # as in bn_bwd_resident_kernel
     Partials,           # [2, GROUP, C] sum g, sum g * xhat of each program's share of a channel
     Totals,             # [2, C] their sums, written by each channel block's last program
-    Flags,              # int32 zeros: [2, blocks] arrivals, "summed"; [blocks, GROUP] share states
+    Flags,              # int32 zeros, left zero: [3, blocks] arrivals, "summed", departures;
+                        # [blocks, GROUP] share states
     N, C, S,
     s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
     stride_xn, stride_xc, stride_xs,
@@ -413,7 +414,7 @@ def bn_bwd_coop_kernel(
     for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        shares = Flags + 2 * num_blocks + block * GROUP
+        shares = Flags + 3 * num_blocks + block * GROUP
         mean, invstd, scale, bias = saved_affine(Mean, Invstd, Weight, Bias, cols, cmask,
                                                  HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
         mask, g, xmu = _share_inputs(X, DY, Y, Mean, n0, s0, cols, cmask, mean, scale, bias, N, S,
@@ -426,10 +427,12 @@ def bn_bwd_coop_kernel(
             tl.store(Partials + GROUP * C + base, tl.sum(tl.sum(g * xmu, 2), 0) * invstd, mask=cmask)
             arrived = arrive(Flags + block)
             if arrived == GROUP - 1:
+                reset_arrivals(Flags + block)
                 sum_g, sum_g_xhat = sum_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
                 store_sums(DWeight, DBias, Totals, C, cols, cmask, sum_g, sum_g_xhat,
                            STORE_DWEIGHT, STORE_DBIAS, True)
-                raise_flag(Flags + num_blocks + block)
+                if PHASE == 0:  # PHASE 2 reads the statistics after a launch boundary
+                    raise_flag(Flags + num_blocks + block)
         go = True
         if HAS_SUMS and PHASE == 0:
             go = arrived == GROUP - 1
@@ -449,3 +452,4 @@ def bn_bwd_coop_kernel(
                                    stride_yn, stride_yc, stride_ys, TRAINING, COMPUTE_DX, STORE_DRESIDUAL, NEED_X,
                                    RELU, RELU_FROM_X, GROUP, BLOCK_N, BLOCK_S, PIECE_N, PIECE_S, CHANNEL_INNER,
                                    INT64, VEC, ACC_DTYPE)
+            depart(Flags + 2 * num_blocks + block, Flags + num_blocks + block, shares, GROUP)

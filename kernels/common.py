@@ -250,6 +250,11 @@ def store_channel_stats(
 # change and no program waits for one that cannot start. Data written by
 # other programs is read with ``.cg`` (from L2, never a stale L1 line).
 #
+# The flags are counters.py's zeroed counters, left at zero for the next
+# launch: the last to arrive resets the arrival counter; every program counts
+# itself out (depart) after its last use of the block's flag and share states,
+# and the last to leave resets them.
+#
 # Share states, one int32 per (channel block, member), zero at launch:
 HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
 CLAIMED = tl.constexpr(2)      # the merger came first: the member's wait ends with the flag up
@@ -263,6 +268,13 @@ def arrive(Arrived):
     program's stores."""
     tl.debug_barrier()
     return tl.atomic_add(Arrived, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def reset_arrivals(Arrived):
+    """The last program to arrive: no other arrives at this counter again in
+    this launch, so it goes back to zero for the next."""
+    tl.atomic_xchg(Arrived, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -305,3 +317,20 @@ def claim_shares(State, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
     before = tl.atomic_cas(State + others, tl.zeros_like(others), tl.full(others.shape, CLAIMED, tl.int32),
                            sem="acq_rel", scope="gpu")
     return tl.sum((before == HANDED_OVER).to(tl.int32), 0)
+
+
+
+@triton.jit
+def depart(Departed, Done, State, GROUP: tl.constexpr):
+    """Count this program out of a channel block's exchange, after its last
+    read or write of the block's flag and share states (a member after its
+    wait, the merger after claiming and finishing shares). The last of the
+    GROUP to leave (it then sees every other program's accesses) sets the
+    flag, the share states and the departure counter back to zero, so the
+    next launch finds them as counters.py promises."""
+    tl.debug_barrier()
+    if tl.atomic_add(Departed, 1, sem="acq_rel", scope="gpu") == GROUP - 1:
+        for member in range(GROUP):  # a loop, not one vector store: fewer registers on the common path
+            tl.store(State + member, 0)
+        tl.atomic_xchg(Done, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(Departed, 0, sem="relaxed", scope="gpu")

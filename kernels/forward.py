@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, epilogue, raise_flag, saved_affine, split_range,
-    store_channel_stats, tile_offsets, tile_statistics, wait_or_hand_over, welford_combine, welford_merge,
+    HANDED_OVER, affine, arrive, claim_shares, depart, epilogue, raise_flag, reset_arrivals, saved_affine,
+    split_range, store_channel_stats, tile_offsets, tile_statistics, wait_or_hand_over, welford_combine, welford_merge,
 )
 
 
@@ -137,7 +137,7 @@ def bn_fwd_stats_kernel(
     tl.store(Partials + 2 * num_splits * C + base, m2, mask=cmask)
     if MERGE:
         if arrive(Counters + pid_c) == num_splits - 1:
-            tl.atomic_xchg(Counters + pid_c, 0, sem="relaxed", scope="gpu")
+            reset_arrivals(Counters + pid_c)
             # the other programs' partials: from L2, never a stale L1 line
             count, mean, m2 = merge_partials(Partials, num_splits, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
             store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
@@ -340,7 +340,8 @@ def bn_fwd_coop_kernel(
     RunningMean, RunningVar, NumBatchesTracked,
     SaveMean, SaveInvstd,       # [C] written by each channel block's last program, read by the others
     Partials,           # [3, GROUP, C] count, mean, m2 of each program's share of a channel
-    Flags,              # int32 zeros: [2, blocks] arrivals, "merged"; [blocks, GROUP] share states
+    Flags,              # int32 zeros, left zero: [3, blocks] arrivals, "merged", departures;
+                        # [blocks, GROUP] share states
     N, C, S,
     s_parts,            # programs along S per channel block: GROUP = cdiv(N, BLOCK_N) * s_parts
     stride_xn, stride_xc, stride_xs,
@@ -369,7 +370,7 @@ def bn_fwd_coop_kernel(
     for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C
-        shares = Flags + 2 * num_blocks + block * GROUP
+        shares = Flags + 3 * num_blocks + block * GROUP
         offs, mask = tile_offsets(n0, s0, cols, cmask, N, S, stride_xn, stride_xc, stride_xs,
                                   BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -382,11 +383,13 @@ def bn_fwd_coop_kernel(
             tl.store(Partials + 2 * GROUP * C + base, share_m2, mask=cmask)
             arrived = arrive(Flags + block)
             if arrived == GROUP - 1:
+                reset_arrivals(Flags + block)
                 total, mean, m2 = merge_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
                 store_channel_stats(SaveMean, SaveInvstd, RunningMean, RunningVar, NumBatchesTracked,
                                     cols, cmask, total, mean, m2, momentum_hi, momentum_lo, eps_hi, eps_lo,
                                     UPDATE_RUNNING, CUMULATIVE_AVERAGE, ACC_DTYPE)
-                raise_flag(Flags + num_blocks + block)
+                if PHASE == 0:  # PHASE 2 reads the statistics after a launch boundary
+                    raise_flag(Flags + num_blocks + block)
         go = True
         if PHASE == 0:
             go = arrived == GROUP - 1
@@ -405,3 +408,4 @@ def bn_fwd_coop_kernel(
                                    stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
                                    stride_rn, stride_rc, stride_rs, HAS_WEIGHT, HAS_BIAS, HAS_RESIDUAL, RELU,
                                    GROUP, BLOCK_N, BLOCK_S, PIECE_N, PIECE_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
+            depart(Flags + 2 * num_blocks + block, Flags + num_blocks + block, shares, GROUP)

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonbn import kernels, launch, plans
-from tritonbn.kernels.common import claim_shares, wait_or_hand_over
+from tritonbn import counters, kernels, launch, plans
+from tritonbn.kernels.common import claim_shares, depart, wait_or_hand_over
 from tritonbn.autotune import LaunchConfig, Problem, heuristic
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import in_layout, suite
@@ -152,6 +152,7 @@ def test_interpreter_runs_two_phases_and_groups_take_blocks_in_turn(monkeypatch)
         var, mu = torch.var_mean(x, (0, 2, 3), correction=0)
         torch.testing.assert_close(mean, mu)
         torch.testing.assert_close(invstd, torch.rsqrt(var + 1e-5))
+        assert counters.all_zero()
     assert [(grid, phase, group) for _, grid, phase, group in log] == [((2, 2), 1, 2), ((2, 2), 2, 2)] * 2
 
 
@@ -204,8 +205,8 @@ def test_single_launch_with_shares_handed_over_equals_two_phases(monkeypatch, la
     backward (ReLU mask recomputed from x, from y; parameter gradients) give
     what the two-launch form gives, bit for bit, with two groups taking
     channel blocks in turn, the handed-over shares finished whole or in
-    pieces of 1 x 4 (masked tails); and a second run gives the same again
-    (the share states start from zero each call)."""
+    pieces of 1 x 4 (masked tails); and a second run gives the same again:
+    every call leaves the flags and share states at zero for the next."""
     monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
     x = in_layout(torch.randn(6, 5, 3, 3, dtype=torch.float32) * 2 + 1, layout)
     residual, grad, y_relu = torch.randn_like(x), torch.randn_like(x), torch.randn_like(x).relu()
@@ -234,6 +235,7 @@ def test_single_launch_with_shares_handed_over_equals_two_phases(monkeypatch, la
         _single_launch(monkeypatch, spin_limit, pieces)
         monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
         assert {phase for _, _, phase, _ in one} == {0} and {grid for _, grid, _, _ in one} == {(3, 2)}
+        assert counters.all_zero()
         for a, b in zip(got, expected):
             assert (a is None and b is None) or torch.equal(a, b)
 
@@ -246,6 +248,23 @@ def _wait_kernel(Done, State, Out, spin_limit):
 @triton.jit
 def _claim_kernel(State, Out, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
     tl.store(Out, claim_shares(State, member, GROUP, MEMBERS))
+
+
+@triton.jit
+def _depart_kernel(Departed, Done, State, GROUP: tl.constexpr):
+    depart(Departed, Done, State, GROUP)
+
+
+@pytest.mark.parametrize("leaving", [2, 3])
+def test_the_last_program_to_depart_resets_the_block(leaving):
+    """Of a group of 3, until all have left
+    the flag and states stay as the exchange left them; the third to leave
+    sets the flag, the states and the counter back to zero, and the word past
+    the group's states is not touched."""
+    flags = torch.tensor([0, 1, 2, 1, 2, 7], dtype=torch.int32)  # departures, flag, 3 states, a neighbour
+    _depart_kernel[(leaving,)](flags, flags[1:], flags[2:], GROUP=3)
+    expected = [2, 1, 2, 1, 2, 7] if leaving == 2 else [0, 0, 0, 0, 0, 7]
+    assert flags.tolist() == expected
 
 
 @pytest.mark.parametrize("done,state,go,after", [

@@ -155,7 +155,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
         return y, save_mean, save_invstd
     if p.regime == "cooperative":
         partials = torch.empty((3, p.num_splits, p.view.C), dtype=p.stats_dtype, device=device)
-        flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
+        flags = counters.zeroed(device, p.num_flags)
         for phase in p.phases:
             launch(p, f"cooperative {phase}", "bn_fwd_coop_kernel", p.grid, p.args, PHASE=phase)(
                 x, y, r, w, b, rm, rv, nbt, save_mean, save_invstd, partials, flags)
@@ -253,7 +253,7 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     if p.regime == "cooperative":
         C = p.view.C
         scratch = torch.empty(2 * (p.num_splits + 1) * C, dtype=p.stats_dtype, device=device)
-        flags = torch.zeros(p.num_flags, dtype=torch.int32, device=device)
+        flags = counters.zeroed(device, p.num_flags)
         for phase in p.phases:
             launch(p, f"cooperative {phase}", "bn_bwd_coop_kernel", p.grid, p.args, PHASE=phase)(
                 x, grad_out, dx_, y, dr_, w, b, save_mean, save_invstd, dw_, db_,

@@ -278,7 +278,7 @@ class ForwardPlan:
     merge_args: dict = field(default_factory=dict)
     num_splits: int = 1
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
-    num_flags: int = 0            # the cooperative regime's int32 flags: arrivals, merged, share states
+    num_flags: int = 0            # the cooperative regime's int32 counters (counters.zeroed)
     stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
 
@@ -415,7 +415,7 @@ def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device, item
     plan.grid = cooperative_grid(view, cfg, device)
     plan.num_splits = group = plan.grid[0]
     blocks = cdiv(view.C, cfg.block_c)
-    plan.num_flags = (2 + group) * blocks  # arrivals and flags, then each member's share state
+    plan.num_flags = (3 + group) * blocks  # arrivals, flags, departures, then each member's share state
     plan.phases = cooperative_phases()
     plan.args.update(GROUP=group, MEMBERS=next_power_of_2(group), s_parts=cfg.split_s,
                      SPLIT_BLOCK=split_block(group, cfg.block_c), spin_limit=COOPERATIVE_SPIN_LIMIT,
