@@ -191,6 +191,44 @@ def test_bad_input_is_rejected_every_time(device, built, bad):
     assert not torch.equal(running, good["running_mean"]), "the good call still updates"
 
 
+def test_a_planned_backward_finds_its_plan_on_the_forward_plan(device, built, monkeypatch):
+    """The backward of a planned forward finds its plan on the forward's, by
+    the gradients wanted and grad_out's layout, with bitwise the results of
+    the full key's plan; a misaligned grad_out, or one in another layout
+    than y's (copied first, so never cached), takes the full key each time."""
+    x = torch.randn(4, 3, 5, 6, device=device).requires_grad_()
+    weight = torch.linspace(0.5, 1.5, 3, device=device).requires_grad_()
+    bias = torch.linspace(-1, 1, 3, device=device).requires_grad_()
+    g = torch.randn(4, 3, 5, 6, device=device)
+    misaligned = torch.empty(g.numel() + 1, device=device)[1:].view_as(g).copy_(g)
+    cases = {"all": (g, (x, weight, bias)), "dx only": (g, (x,)), "misaligned": (misaligned, (x, weight, bias)),
+             "channels_last": (g.contiguous(memory_format=torch.channels_last), (x, weight, bias))}
+
+    def run(grad, wrt):
+        params = (weight, bias) if len(wrt) == 3 else (weight.detach(), bias.detach())
+        y = tritonbn.batch_norm(x, None, None, *params, training=True)
+        return torch.autograd.grad(y, wrt, grad)
+    expected = {}
+    for name, (grad, wrt) in cases.items():
+        plans.clear()
+        expected[name] = run(grad, wrt)  # unplanned: the op and the full keys
+    for _ in range(2):
+        for name, (grad, wrt) in cases.items():
+            for got, want in zip(run(grad, wrt), expected[name]):
+                assert torch.equal(got, want), name
+    full_keys = []
+    backward_key = plans.backward_key
+    monkeypatch.setattr(plans, "backward_key", lambda *args: full_keys.append(1) or backward_key(*args))
+    for name, (grad, wrt) in cases.items():
+        for got, want in zip(run(grad, wrt), expected[name]):
+            assert torch.equal(got, want), name
+    assert len(full_keys) == 2, "only the misaligned and the other-layout grad_out look up their plan by key"
+    forward_plan, = [p for p in plans._plans.values() if isinstance(p, plans.ForwardPlan)]
+    links = forward_plan.backward_plans
+    assert len(links) == 3 and [bool(plan) for plan in links.values()].count(False) == 1, \
+        "a plan for each set of gradients wanted; the other layout: known to take the full path"
+
+
 def test_override_is_not_cached(device, built):
     """A forced config runs as forced, and leaves no plan behind for later calls."""
     x = torch.randn(4, 3, 5, device=device)

@@ -65,9 +65,8 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     """
     key = None
     if config is None:
-        key = plans.with_source("forward", plans.forward_key(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, True, momentum, eps, residual,
-            relu))
+        key = plans.forward_key("forward", x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                True, momentum, eps, residual, relu)
         found = key and plans.lookup(key)
         if found:
             return run_forward(found, x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -100,8 +99,8 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
     backward; keep_stats=False: (y, None, None)."""
     key = None
     if config is None:
-        key = plans.with_source("inference", plans.forward_key(
-            x, weight, bias, running_mean, running_var, None, False, None, eps, residual, relu))
+        key = plans.forward_key("inference", x, weight, bias, running_mean, running_var, None, False, None, eps,
+                                residual, relu)
         found = key and plans.lookup(key)
         if found:
             return run_forward(found, x, weight, bias, running_mean, running_var, None, residual,
@@ -128,7 +127,8 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     keep_stats=False (inference that needs no gradient): (y, None, None),
     neither allocated nor written."""
     device = x.device
-    y = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device)
+    y = torch.empty_like(x) if p.like_input else torch.empty_strided(p.size, p.stride, dtype=x.dtype,
+                                                                      device=device)
     r = x if residual is None else residual
     if not p.training:
         kernel = "bn_inference_flat_kernel" if p.regime == "flat" else "bn_inference_kernel"
@@ -201,9 +201,8 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     bias = bias if relu_from_input else None  # read for the recomputed mask only
     key = None
     if config is None:
-        key = plans.with_source("backward", plans.backward_key(
-            grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, output, residual_grad,
-            relu_from_input, bias))
+        key = plans.backward_key(grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, output,
+                                 residual_grad, relu_from_input, bias)
         found = key and plans.lookup(key)
         if found:
             return run_backward(found, grad_out, x, weight, save_mean, save_invstd, output, bias)
@@ -231,8 +230,10 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     dweight; partials [2, 1, C] given: dx from those (already divided) sums
     instead of x's own."""
     device = x.device
-    dx = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device) if p.need_dx else None
-    dr = torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device) if p.residual_grad else None
+    like = torch.empty_like if p.like_input else (
+        lambda x: torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device))
+    dx = like(x) if p.need_dx else None
+    dr = like(x) if p.residual_grad else None
     if sums is not None:
         db, dw = sums[0], sums[1]
     else:

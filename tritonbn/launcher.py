@@ -57,13 +57,6 @@ enabled = (VERSION in SUPPORTED and _HOOKS is not None and not kernels.INTERPRET
            and _enabled_by_environment())
 
 
-def _no_hooks() -> bool:
-    """Triton's launch hooks are its empty chains (nobody is profiling launches)."""
-    enter, leave = _HOOKS
-    return (_RUNTIME.launch_enter_hook is enter and _RUNTIME.launch_exit_hook is leave
-            and not enter.calls and not leave.calls)
-
-
 class Launch:
     """One kernel launch of a plan: ``launch(*tensors)`` with the tensor
     arguments (the kernel's leading parameters, positionally); ``kwargs``
@@ -84,7 +77,9 @@ class Launch:
     def __call__(self, *tensors) -> None:
         kernel = getattr(kernels, self.name)
         direct = self.direct
-        if direct is not None and kernel is self.kernel and enabled and _no_hooks() and not kernel.pre_run_hooks:
+        if (direct is not None and kernel is self.kernel and enabled and not kernel.pre_run_hooks
+                and _RUNTIME.launch_enter_hook is _HOOKS[0] and _RUNTIME.launch_exit_hook is _HOOKS[1]
+                and not _HOOKS[0].calls and not _HOOKS[1].calls):  # Triton's launch hooks: its empty chains
             run, function, packed, tail, device, (g0, g1, g2), driver = direct
             if driver.get_current_device() == device:
                 run(g0, g1, g2, driver.get_current_stream(device), function, packed, None, None, None,

@@ -29,7 +29,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import derivatives, fallback, launch, plans
 from .backend import runs_triton  # whether the Triton kernels handle a tensor (warns once when not)
@@ -211,14 +210,18 @@ torch.library.register_autograd("tritonbn::batch_norm_backward", _double_backwar
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+_is_tracing = torch._C._is_tracing
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # how many modes: what _get_current_dispatch_mode reads
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _plain_eager(*tensors: Tensor | None) -> bool:
     """Plain eager execution: no torch.compile / export / jit tracing, no
     dispatch mode (FakeTensorMode, FlopCounterMode, ...), no functorch
     transform, no tensor subclass. There the ops' Python implementations are
     called directly, skipping ~50 us of custom-op dispatch per call; anywhere
     else the registered ops run, so tracers see them."""
-    if (torch.compiler.is_compiling() or torch._C._is_tracing() or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active()):
+    if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
         return False
     for t in tensors:  # a loop, not all(genexpr): this runs on every call
         if t is not None and type(t) not in _PLAIN_TENSORS:
@@ -228,10 +231,9 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
 
 def mark_updated(*tensors: Tensor | None) -> None:
     """Bump the version counters of buffers written in place, as the op's
-    declared mutation does, so autograd still detects a stale saved tensor."""
-    for t in tensors:
-        if t is not None and not t.is_inference():
-            torch.autograd.graph.increment_version(t)
+    declared mutation does, so autograd still detects a stale saved tensor
+    (an inference tensor has no counter: torch leaves it alone)."""
+    torch._C._increment_version([t for t in tensors if t is not None])
 
 
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
@@ -245,17 +247,19 @@ def _legacy_batched(t: Tensor) -> bool:
 
 
 def _save(ctx, input, weight, bias, training: bool, eps: float, residual, relu: bool, output,
-          for_forward: bool) -> None:
-    """What the backward (and, for_forward, forward-mode AD) needs from a forward."""
+          for_forward: bool, on_kernels: bool | None = None) -> None:
+    """What the backward (and, for_forward, forward-mode AD) needs from a
+    forward whose output is (y, save_mean, save_invstd); on_kernels: whether
+    the Triton kernels ran it (None: ask runs_triton)."""
     y, save_mean, save_invstd = output
-    ctx.mark_non_differentiable(save_mean, save_invstd)
     # After a fused ReLU the backward masks grad_out where y was not positive.
     # In training without a residual the Triton kernels recompute that sign
     # from x (read anyway), weight and bias with the forward's own arithmetic:
     # bias is saved and y is not, so the backward reads no more than an
     # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
     # fallback path, whose rounding may differ) y is saved and read.
-    ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
+    ctx.relu_from_input = relu and training and residual is None and (
+        runs_triton(input) if on_kernels is None else on_kernels)
     saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
              bias if ctx.relu_from_input else None)
     ctx.save_for_backward(*saved)
@@ -288,6 +292,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         input, weight, bias, *_, training, _, eps, residual, relu = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
         _save(ctx, input, weight, bias, training, eps, residual, relu, output, for_forward=True)
 
     @staticmethod
@@ -358,11 +363,14 @@ class EagerBatchNormFunction(BatchNormFunction):
 
 class PlannedBatchNormFunction(torch.autograd.Function):
     """BatchNormFunction for plain eager calls whose launch plan is cached
-    (planned_forward): the plan is the last argument. forward does the work of
-    setup_context itself, so autograd.Function.apply does not bind arguments
-    with inspect.signature on every call, and apply is autograd's own (C++)
-    entry. Backward and forward-mode AD are BatchNormFunction's. Never under
-    functorch transforms (they need setup_context): planned_forward checks."""
+    (planned_forward): the plan is the last argument, y the only output (the
+    statistics stay internal: saved, never returned). forward does the work
+    of setup_context itself, so autograd.Function.apply does not bind
+    arguments with inspect.signature on every call, and apply is autograd's
+    own (C++) entry. The backward's plan hangs off the forward's
+    (_backward_plan), found by grad_out alone. Backward in any other context
+    and forward-mode AD are BatchNormFunction's. Never under functorch
+    transforms (they need setup_context): planned_forward checks."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
@@ -372,26 +380,68 @@ class PlannedBatchNormFunction(torch.autograd.Function):
         if training:
             mark_updated(running_mean, running_var)
         _save(ctx, input, weight, bias, training, eps, residual, relu, outputs,
-              for_forward=forward_ad._current_level >= 0)
-        return outputs
+              for_forward=forward_ad._current_level >= 0, on_kernels=True)
+        ctx.plan = plan
+        return outputs[0]
 
     @staticmethod
-    def backward(ctx, grad_out, grad_mean, grad_invstd):
+    def backward(ctx, grad_out):
         if torch.is_grad_enabled() or not _plain_eager(grad_out) or _legacy_batched(grad_out):
-            return (*BatchNormFunction.backward(ctx, grad_out, grad_mean, grad_invstd), None)
+            return (*BatchNormFunction.backward(ctx, grad_out, None, None), None)
         # BatchNormFunction.backward's plain eager branch, for what a planned
         # forward saved (plain tensors, non-empty, on the Triton kernels)
         input, weight, save_mean, save_invstd, y, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db, dr = launch.backward(grad_out, input, weight, save_mean, save_invstd, ctx.training,
-                                         (need[0], need[1], need[2]), ctx.bias_dtype, output=y,
-                                         residual_grad=need[9] and y is not None,
-                                         relu_from_input=ctx.relu_from_input, bias=bias)
+        residual_grad = need[9] and y is not None
+        link = _backward_link(need, grad_out, input, weight, save_mean, save_invstd, y, bias)
+        plan = None if link is None else ctx.plan.backward_plans.get(link)
+        if plan:
+            dx, dw, db, dr = launch.run_backward(plan, grad_out, input, weight, save_mean, save_invstd, y, bias)
+        else:
+            dx, dw, db, dr = launch.backward(grad_out, input, weight, save_mean, save_invstd, ctx.training,
+                                             (need[0], need[1], need[2]), ctx.bias_dtype, output=y,
+                                             residual_grad=residual_grad, relu_from_input=ctx.relu_from_input,
+                                             bias=bias)
+            if plan is None and link is not None:
+                ctx.plan.backward_plans[link] = _cached_backward_plan(ctx, need, residual_grad, grad_out, input,
+                                                                      weight, save_mean, save_invstd, y, bias)
         if need[9] and y is None:  # without a ReLU the residual's gradient is grad_out itself
             dr = grad_out
         return dx, dw, db, None, None, None, None, None, None, dr, None, None
 
-    jvp = EagerBatchNormFunction.jvp
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return EagerBatchNormFunction.jvp(ctx, *tangents)[0]
+
+
+def _backward_link(need, grad_out, input, weight, save_mean, save_invstd, y, bias) -> tuple | None:
+    """What a planned forward's backward plan depends on beyond the forward
+    plan: which gradients autograd wants, where the config comes from (None:
+    forced, not cached), and grad_out -- autograd gives it y's shape, dtype
+    and device, its strides are the caller's -- with every pointer 16-byte
+    aligned (else None: the full key). The saved tensors' metadata are the
+    forward's: autograd refuses one changed in place since (what it does
+    not track, a ``.data`` swap, torch's own backward does not check either)."""
+    source = plans._source("backward")
+    bits = grad_out.data_ptr() | input.data_ptr() | save_mean.data_ptr() | save_invstd.data_ptr()
+    for t in (weight, y, bias):
+        if t is not None:
+            bits |= t.data_ptr()
+    if source is None or bits & 15:
+        return None
+    return (need, source, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device)
+
+
+def _cached_backward_plan(ctx, need, residual_grad, grad_out, input, weight, save_mean, save_invstd, y, bias):
+    """After a backward through launch.backward: the plan it cached under the
+    full key, kept on the forward's plan for the next backward of a forward
+    with that plan; False where none was cached (grad_out copied to x's
+    layout first): those take the full path without looking again."""
+    key = plans.backward_key(grad_out, input, weight, save_mean, save_invstd, ctx.training,
+                             (need[0], need[1] and weight is not None, need[2] and ctx.bias_dtype is not None),
+                             ctx.bias_dtype, y, residual_grad, ctx.relu_from_input,
+                             bias if ctx.relu_from_input else None)
+    return (key and plans.lookup(key)) or False
 
 
 # autograd's C++ apply, without autograd.Function.apply's Python wrapper
@@ -407,10 +457,8 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
     requires a gradient and no forward-mode AD is active."""
     if not _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
         return None
-    op = "forward" if training else "inference"
-    key = plans.with_source(op, plans.forward_key(input, weight, bias, running_mean, running_var,
-                                                   num_batches_tracked, training, momentum, eps, residual,
-                                                   relu))
+    key = plans.forward_key("forward" if training else "inference", input, weight, bias, running_mean,
+                            running_var, num_batches_tracked, training, momentum, eps, residual, relu)
     plan = key and plans.lookup(key)
     if not plan:
         return None
@@ -419,7 +467,7 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
                                      or (residual is not None and residual.requires_grad))) \
             or forward_ad._current_level >= 0:
         return _apply_planned(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                              momentum, eps, residual, relu, plan)[0]
+                              momentum, eps, residual, relu, plan)
     y, _, _ = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
                                  residual, keep_stats=training)
     if training:

@@ -255,6 +255,12 @@ def _allocation(x: torch.Tensor, fmt: torch.memory_format) -> tuple[tuple[int, .
     return tuple(x.shape), torch.empty_like(x, memory_format=fmt, device="meta").stride()
 
 
+def allocated_like(x: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether torch.empty_like(x) has these strides: then an output is
+    allocated so, with less Python than empty_strided."""
+    return tuple(torch.empty_like(x, device="meta").stride()) == tuple(stride)
+
+
 @dataclass(eq=False)
 class ForwardPlan:
     """Training forward (regime resident: one kernel; split: stats with their
@@ -273,6 +279,7 @@ class ForwardPlan:
     stats_dtype: torch.dtype
     grid: tuple[int, ...]
     args: dict
+    like_input: bool = False      # y is allocated as torch.empty_like(x) (allocated_like)
     stats_args: dict = field(default_factory=dict)
     merge_grid: tuple[int, ...] = ()
     merge_args: dict = field(default_factory=dict)
@@ -281,6 +288,7 @@ class ForwardPlan:
     num_flags: int = 0            # the cooperative regime's int32 counters (counters.zeroed)
     stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
+    backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.ops)
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
@@ -319,7 +327,8 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     )
     grid, n_per_split, s_per_split = grid_split(view, cfg)
     stats_dtype = acc_dtype(x.dtype)
-    plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride, stats_dtype, grid, args)
+    plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride, stats_dtype, grid, args,
+                       like_input=allocated_like(x, stride))
     eps_hi, eps_lo = hi_lo(eps)
     if not training:
         args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
@@ -393,7 +402,7 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
     grid = (cdiv(length, cfg.block_s), cdiv(rows, rows_per_split))
     size, stride = tuple(y_meta.shape), y_meta.stride()
     return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args,
-                       stats_free_args=dict(args, STORE_STATS=False))
+                       like_input=allocated_like(x, stride), stats_free_args=dict(args, STORE_STATS=False))
 
 
 # Polls of a channel block's flag before a cooperative program hands its share
@@ -443,6 +452,7 @@ class BackwardPlan:
     reads_bias: bool
     grid: tuple[int, ...]
     args: dict
+    like_input: bool = False  # dx and dr are allocated as torch.empty_like(x) (allocated_like)
     sums_args: dict = field(default_factory=dict)
     num_splits: int = 1
     phases: tuple[int, ...] = ()
@@ -481,7 +491,8 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
     plan = BackwardPlan(cfg.regime, view, size, stride, acc_dtype(x.dtype),
                         weight.dtype if need_dw and weight is not None else None,
                         bias_dtype if need_db else None,
-                        need_dx, residual_grad, has_sums, has_bias, grid, args)
+                        need_dx, residual_grad, has_sums, has_bias, grid, args,
+                        like_input=allocated_like(x, stride))
     if cfg.regime in ("resident", "cooperative"):
         args.update(STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db)
         plan.grid = (grid[0],)
@@ -536,53 +547,61 @@ def alignment(*tensors: torch.Tensor | None) -> int | tuple:
     return tuple(None if t is None else t.data_ptr() % 16 for t in tensors)
 
 
-def forward_key(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
-                momentum, eps, residual, relu: bool) -> tuple:
-    """The key of a forward call. Eval ignores momentum and num_batches_tracked,
-    as the kernels do. Every pointer's 16-byte alignment is in it: the kernels'
-    VEC depends on the data's (vector_width), and Triton specializes each
-    pointer argument on it, so a plan's compiled kernels (tritonbn.launcher)
-    are the ones the JIT would pick. Inlined attribute reads: this runs on
-    every call."""
-    if training:
-        tracked = None if num_batches_tracked is None else (
-            num_batches_tracked.shape, num_batches_tracked.dtype, num_batches_tracked.device)
-        head = (True, momentum, eps, relu, tracked)
-    else:
-        head = (False, None, eps, relu, None)
-    return (*head,
-            alignment(input, weight, bias, running_mean, running_var,
-                      num_batches_tracked if training else None, residual),
-            input.shape, input.stride(), input.dtype, input.device,
-            None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
-            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device),
-            None if running_mean is None else (running_mean.shape, running_mean.stride(),
-                                               running_mean.dtype, running_mean.device),
-            None if running_var is None else (running_var.shape, running_var.stride(),
-                                              running_var.dtype, running_var.device),
-            None if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                           residual.device))
-
-
-def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
-                 bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple:
-    return (training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
-            alignment(grad_out, input, weight, save_mean, save_invstd, output, bias),
-            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
-            input.shape, input.stride(), input.dtype, input.device,
-            None if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device),
-            save_mean.shape, save_mean.stride(), save_mean.dtype,
-            save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
-            None if output is None else (output.shape, output.stride(), output.dtype),
-            None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device))
-
-
-def with_source(op: str, key: tuple) -> tuple | None:
-    """key extended by where the config of `op` comes from -- the tuner in use
-    (its identity: use_tuner swaps it) -- or None when a config is forced with
-    override: such plans are not cached. Reads the autotune module's state
-    directly: this runs on every call."""
+def _source(op: str):
+    """Where the config of `op` comes from: the tuner in use (its identity:
+    use_tuner swaps it), or None when a config is forced with override (such
+    plans are not cached). Reads the autotune module's state directly."""
     forced = autotune._forced.get()
     if forced is not None and op in forced:
         return None
-    return (op, autotune._tuner or autotune.get_tuner(), *key)
+    return autotune._tuner or autotune.get_tuner()
+
+
+# The keys below run on every call: attribute reads inlined, one flat tuple
+# (an absent tensor is one None, a present one its four entries: the tuple
+# still tells every combination apart).
+
+def forward_key(op: str, input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
+                momentum, eps, residual, relu: bool) -> tuple | None:
+    """The key of a forward call of op ("forward" or "inference"), None where
+    it is not cached (_source). Eval ignores momentum and num_batches_tracked,
+    as the kernels do. Every pointer's 16-byte alignment is in it: the
+    kernels' VEC depends on the data's (vector_width), and Triton specializes
+    each pointer argument on it, so a plan's compiled kernels
+    (tritonbn.launcher) are the ones the JIT would pick."""
+    source = _source(op)
+    if source is None:
+        return None
+    tracked = num_batches_tracked if training else None
+    bits = input.data_ptr()  # alignment(), inlined for the common case
+    for t in (weight, bias, running_mean, running_var, tracked, residual):
+        if t is not None:
+            bits |= t.data_ptr()
+    aligned = 0 if not bits & 15 else alignment(input, weight, bias, running_mean, running_var, tracked, residual)
+    return (op, source, training, momentum if training else None, eps, relu,
+            None if tracked is None else (tracked.shape, tracked.dtype, tracked.device), aligned,
+            input.shape, input.stride(), input.dtype, input.device,
+            *((None,) if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device)),
+            *((None,) if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)),
+            *((None,) if running_mean is None else (running_mean.shape, running_mean.stride(),
+                                                    running_mean.dtype, running_mean.device)),
+            *((None,) if running_var is None else (running_var.shape, running_var.stride(),
+                                                   running_var.dtype, running_var.device)),
+            *((None,) if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                                residual.device)))
+
+
+def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
+                 bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple | None:
+    source = _source("backward")
+    if source is None:
+        return None
+    return ("backward", source, training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
+            alignment(grad_out, input, weight, save_mean, save_invstd, output, bias),
+            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
+            input.shape, input.stride(), input.dtype, input.device,
+            *((None,) if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device)),
+            save_mean.shape, save_mean.stride(), save_mean.dtype,
+            save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
+            *((None,) if output is None else (output.shape, output.stride(), output.dtype)),
+            *((None,) if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)))
