@@ -206,6 +206,50 @@ def test_converted_cnn_under_autocast(device, dtype):
     _assert_same_state(ours, theirs, atol=5e-2)
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return weight * 2
+
+
+def _state_variants(device):
+    """Modules whose parameters and buffers are found other ways than in
+    nn.Module's dicts, and the tensors their attributes give."""
+    plain = tritonbn.BatchNorm2d(3, device=device)
+    shadowed = tritonbn.BatchNorm2d(3, device=device)  # an instance attribute before the parameter
+    shadowed.__dict__["weight"] = torch.full((3,), 2.0, device=device)
+    parametrized = tritonbn.BatchNorm2d(3, device=device)  # its class gets a weight property
+    nn.utils.parametrize.register_parametrization(parametrized, "weight", _Doubled())
+    frozen = tritonbn.BatchNorm2d(3, device=device)  # weight and bias as buffers (a frozen BatchNorm)
+    weight, bias = frozen.weight.detach() * 3, frozen.bias.detach() + 1
+    del frozen.weight, frozen.bias
+    frozen.register_buffer("weight", weight)
+    frozen.register_buffer("bias", bias)
+    untracked = tritonbn.BatchNorm2d(3, affine=False, track_running_stats=False, device=device)
+    return dict(plain=plain, shadowed=shadowed, parametrized=parametrized, frozen=frozen, untracked=untracked)
+
+
+@pytest.mark.parametrize("variant", ["plain", "shadowed", "parametrized", "frozen", "untracked"])
+def test_forward_reads_the_tensors_attribute_access_gives(device, variant):
+    """The module's forward reads weight, bias and the buffers as attribute
+    access finds them (nn.Module's dicts read directly only where nothing
+    else could answer), and its output and buffers are torch's for them."""
+    from tritonbn.modules import _STATE, _state
+    module = _state_variants(device)[variant]
+    expected = [getattr(module, name) for name in _STATE]
+    for got, want in zip(_state(module), expected):
+        assert got is want or (got is None and want is None) or torch.equal(got, want), variant
+    x = torch.randn(4, 3, 5, 5, device=device)
+    reference = nn.BatchNorm2d(3, affine=False, track_running_stats=module.track_running_stats, device=device)
+    y = module(x)
+    ours_running = (module.running_mean, module.running_var)
+    y_ref = nn.functional.batch_norm(x, reference.running_mean, reference.running_var, expected[0], expected[1],
+                                     True, 0.1, 1e-5)
+    torch.testing.assert_close(y, y_ref)
+    if module.track_running_stats:
+        torch.testing.assert_close(ours_running, (reference.running_mean, reference.running_var))
+        assert module.num_batches_tracked.item() == 1
+
+
 def test_convert_keeps_parameters_flags_and_identity(device):
     model = SmallCNN().to(device)
     model.features[1].weight.requires_grad_(False)

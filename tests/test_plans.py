@@ -229,6 +229,18 @@ def test_a_planned_backward_finds_its_plan_on_the_forward_plan(device, built, mo
         "a plan for each set of gradients wanted; the other layout: known to take the full path"
 
 
+def test_the_common_key_is_the_general_one(device):
+    """forward_key spells out the tuple of a call with weight, bias and both
+    running stats and no residual; it is the general form's, entry for entry."""
+    x = torch.randn(4, 3, 5, device=device)
+    weight, bias, mean, var = (torch.rand(3, device=device) for _ in range(4))
+    key = plans.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False)
+    residual_key = plans.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, x, False)
+    assert key[-17:] == plans.tensor_entries(weight, bias, mean, var, None)
+    assert residual_key[:-20] == key[:-17] and residual_key[-20:] == plans.tensor_entries(weight, bias, mean,
+                                                                                            var, x)
+
+
 def test_override_is_not_cached(device, built):
     """A forced config runs as forced, and leaves no plan behind for later calls."""
     x = torch.randn(4, 3, 5, device=device)

@@ -86,7 +86,8 @@ def batch_norm_tracked(
     """batch_norm, plus momentum=None: a cumulative moving average with
     momentum = 1 / num_batches_tracked, read on the device (no host sync and
     no graph break under torch.compile). What the modules call."""
-    check_training_flag(training)  # the plan key keeps only its truth value
+    if training is not True and training is not False:  # the plan key keeps only its truth value
+        check_training_flag(training)
     if not training and forward_ad._current_level >= 0:  # the key does not hold tangents
         check_running_stats_tangents(input, running_mean, running_var, weight, bias, residual)
     y = planned_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,

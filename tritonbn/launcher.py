@@ -110,7 +110,21 @@ def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
     driver = triton.runtime.driver.active
     grid = (*grid, 1, 1)[:3]
     return (compiled.run, compiled.function, compiled.packed_metadata, tuple(tail),
-            driver.get_current_device(), grid, driver)
+            driver.get_current_device(), grid, _CurrentDevice(driver))
+
+
+class _CurrentDevice:
+    """The driver's get_current_device and get_current_stream, with torch's
+    C function for the first where the driver's is torch.cuda.current_device
+    (whose Python wrapper initializes CUDA: done before any launch)."""
+
+    __slots__ = ("get_current_device", "get_current_stream")
+
+    def __init__(self, driver):
+        import torch
+        device = driver.get_current_device
+        self.get_current_device = torch._C._cuda_getDevice if device is torch.cuda.current_device else device
+        self.get_current_stream = driver.get_current_stream
 
 
 def launch(plan, site: str, name: str, grid: tuple[int, ...], kwargs: dict, **extra) -> Launch:

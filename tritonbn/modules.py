@@ -67,27 +67,65 @@ def module_backend(module: nn.Module) -> str:
     return f"{backend('cuda')} on cuda, {backend('cpu')} on cpu"
 
 
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_reads_dicts: dict[type, bool] = {}  # module class -> whether _state may read nn.Module's dicts
+
+
+def _state(module: nn.Module) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked), as
+    ``module.weight`` ... give them. nn.Module finds parameters and buffers in
+    its __getattr__, which Python calls only after the ordinary lookup failed
+    (an AttributeError raised and caught: about half a microsecond a read).
+    Where nothing else could answer -- nn.Module's own attribute lookup, no
+    class attribute of these names (a parametrization makes one), none in the
+    instance's __dict__ -- the dicts are read directly, in __getattr__'s
+    order; anything else, and under torch.compile, reads the attributes."""
+    cls = type(module)
+    direct = _reads_dicts.get(cls)
+    if direct is None:
+        direct = _reads_dicts[cls] = (cls.__getattr__ is nn.Module.__getattr__
+                                      and cls.__getattribute__ is nn.Module.__getattribute__
+                                      and not any(hasattr(cls, name) for name in _STATE))
+    if direct and not torch.compiler.is_compiling():
+        attributes = module.__dict__
+        params, buffers = attributes["_parameters"], attributes["_buffers"]
+        found = []
+        for name in _STATE:
+            if name in attributes:
+                break
+            if name in params:
+                found.append(params[name])
+            elif name in buffers:
+                found.append(buffers[name])
+            else:
+                break
+        else:
+            return found
+    return [getattr(module, name) for name in _STATE]
+
+
 def module_batch_norm(module: nn.modules.batchnorm._BatchNorm, input: Tensor,
                       residual: Tensor | None = None, relu: bool = False) -> Tensor:
     """What a BatchNorm module's forward computes, on tritonbn's kernels, for a
     tritonbn or a torch.nn BatchNorm1d/2d/3d; with residual / relu, the fused
     epilogue relu(bn(input) + residual) (tritonbn.fuse_epilogues calls this)."""
     module._check_input_dim(input)
+    weight, bias, running_mean, running_var, tracked = _state(module)
     momentum = 0.0 if module.momentum is None else module.momentum
     num_batches_tracked = None
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
+    if module.training and module.track_running_stats and tracked is not None:
+        tracked.add_(1)
         momentum = module.momentum  # None: cumulative average over num_batches_tracked
-        num_batches_tracked = module.num_batches_tracked
+        num_batches_tracked = tracked
     # batch statistics in training, and in eval when there are no running stats
-    bn_training = module.training or (module.running_mean is None and module.running_var is None)
+    bn_training = module.training or (running_mean is None and running_var is None)
     # running stats are read in eval, and updated in training only when tracked
     use_running = not module.training or module.track_running_stats
     return batch_norm_tracked(
         input,
-        module.running_mean if use_running else None,
-        module.running_var if use_running else None,
-        module.weight, module.bias, bn_training, momentum, module.eps,
+        running_mean if use_running else None,
+        running_var if use_running else None,
+        weight, bias, bn_training, momentum, module.eps,
         num_batches_tracked=num_batches_tracked, residual=residual, relu=relu,
     )
 

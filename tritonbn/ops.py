@@ -207,7 +207,7 @@ torch.library.register_autograd("tritonbn::batch_norm_backward", _double_backwar
                                 setup_context=_setup_double_backward)
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))  # an absent tensor is None
 
 
 _is_tracing = torch._C._is_tracing
@@ -224,7 +224,7 @@ def _plain_eager(*tensors: Tensor | None) -> bool:
     if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
         return False
     for t in tensors:  # a loop, not all(genexpr): this runs on every call
-        if t is not None and type(t) not in _PLAIN_TENSORS:
+        if type(t) not in _PLAIN_TYPES:
             return False
     return True
 
@@ -247,10 +247,9 @@ def _legacy_batched(t: Tensor) -> bool:
 
 
 def _save(ctx, input, weight, bias, training: bool, eps: float, residual, relu: bool, output,
-          for_forward: bool, on_kernels: bool | None = None) -> None:
+          for_forward: bool) -> None:
     """What the backward (and, for_forward, forward-mode AD) needs from a
-    forward whose output is (y, save_mean, save_invstd); on_kernels: whether
-    the Triton kernels ran it (None: ask runs_triton)."""
+    forward whose output is (y, save_mean, save_invstd)."""
     y, save_mean, save_invstd = output
     # After a fused ReLU the backward masks grad_out where y was not positive.
     # In training without a residual the Triton kernels recompute that sign
@@ -258,8 +257,7 @@ def _save(ctx, input, weight, bias, training: bool, eps: float, residual, relu: 
     # bias is saved and y is not, so the backward reads no more than an
     # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
     # fallback path, whose rounding may differ) y is saved and read.
-    ctx.relu_from_input = relu and training and residual is None and (
-        runs_triton(input) if on_kernels is None else on_kernels)
+    ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
     saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
              bias if ctx.relu_from_input else None)
     ctx.save_for_backward(*saved)
@@ -375,18 +373,32 @@ class PlannedBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
                 eps, residual, relu, plan):
-        outputs = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                                     residual)
+        y, save_mean, save_invstd = launch.run_forward(plan, input, weight, bias, running_mean, running_var,
+                                                       num_batches_tracked, residual)
         if training:
             mark_updated(running_mean, running_var)
-        _save(ctx, input, weight, bias, training, eps, residual, relu, outputs,
-              for_forward=forward_ad._current_level >= 0, on_kernels=True)
+        context = plan.autograd
+        if context is None:  # what _save would keep on ctx: the same for every call of this plan
+            # (the Triton kernels run every planned call: relu_from_input wherever _save would set it)
+            relu_from_input = relu and training and residual is None
+            context = plan.autograd = (training, eps, None if bias is None else bias.dtype, relu_from_input,
+                                       relu and not relu_from_input)
+        saved = (input, weight, save_mean, save_invstd, y if context[4] else None, bias if context[3] else None)
+        ctx.save_for_backward(*saved)
+        if forward_ad._current_level >= 0:
+            ctx.save_for_forward(*saved)
         ctx.plan = plan
-        return outputs[0]
+        return y
+
+    @staticmethod
+    def _restore(ctx) -> None:
+        """The attributes _save sets, for BatchNormFunction's backward and jvp."""
+        ctx.training, ctx.eps, ctx.bias_dtype, ctx.relu_from_input, _ = ctx.plan.autograd
 
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled() or not _plain_eager(grad_out) or _legacy_batched(grad_out):
+            PlannedBatchNormFunction._restore(ctx)
             return (*BatchNormFunction.backward(ctx, grad_out, None, None), None)
         # BatchNormFunction.backward's plain eager branch, for what a planned
         # forward saved (plain tensors, non-empty, on the Triton kernels)
@@ -398,6 +410,7 @@ class PlannedBatchNormFunction(torch.autograd.Function):
         if plan:
             dx, dw, db, dr = launch.run_backward(plan, grad_out, input, weight, save_mean, save_invstd, y, bias)
         else:
+            PlannedBatchNormFunction._restore(ctx)
             dx, dw, db, dr = launch.backward(grad_out, input, weight, save_mean, save_invstd, ctx.training,
                                              (need[0], need[1], need[2]), ctx.bias_dtype, output=y,
                                              residual_grad=residual_grad, relu_from_input=ctx.relu_from_input,
@@ -411,6 +424,7 @@ class PlannedBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, *tangents):
+        PlannedBatchNormFunction._restore(ctx)
         return EagerBatchNormFunction.jvp(ctx, *tangents)[0]
 
 
@@ -446,6 +460,7 @@ def _cached_backward_plan(ctx, need, residual_grad, grad_out, input, weight, sav
 
 # autograd's C++ apply, without autograd.Function.apply's Python wrapper
 _apply_planned = super(torch.autograd.Function, PlannedBatchNormFunction).apply
+_plans = plans._plans  # the plan cache (cleared and filled in place)
 
 
 def planned_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
@@ -459,7 +474,7 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
         return None
     key = plans.forward_key("forward" if training else "inference", input, weight, bias, running_mean,
                             running_var, num_batches_tracked, training, momentum, eps, residual, relu)
-    plan = key and plans.lookup(key)
+    plan = key and _plans.get(key)  # plans.lookup, inlined
     if not plan:
         return None
     if (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)

@@ -289,6 +289,7 @@ class ForwardPlan:
     stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
     backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.ops)
+    autograd: tuple | None = None  # what tritonbn.ops' planned autograd Function keeps per plan
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
@@ -569,26 +570,38 @@ def forward_key(op: str, input, weight, bias, running_mean, running_var, num_bat
     kernels' VEC depends on the data's (vector_width), and Triton specializes
     each pointer argument on it, so a plan's compiled kernels
     (tritonbn.launcher) are the ones the JIT would pick."""
-    source = _source(op)
-    if source is None:
+    forced = autotune._forced.get()  # _source(op), inlined
+    if forced is not None and op in forced:
         return None
+    source = autotune._tuner or autotune.get_tuner()
     tracked = num_batches_tracked if training else None
     bits = input.data_ptr()  # alignment(), inlined for the common case
     for t in (weight, bias, running_mean, running_var, tracked, residual):
         if t is not None:
             bits |= t.data_ptr()
     aligned = 0 if not bits & 15 else alignment(input, weight, bias, running_mean, running_var, tracked, residual)
-    return (op, source, training, momentum if training else None, eps, relu,
+    head = (op, source, training, momentum if training else None, eps, relu,
             None if tracked is None else (tracked.shape, tracked.dtype, tracked.device), aligned,
-            input.shape, input.stride(), input.dtype, input.device,
-            *((None,) if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device)),
-            *((None,) if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)),
-            *((None,) if running_mean is None else (running_mean.shape, running_mean.stride(),
-                                                    running_mean.dtype, running_mean.device)),
-            *((None,) if running_var is None else (running_var.shape, running_var.stride(),
-                                                   running_var.dtype, running_var.device)),
-            *((None,) if residual is None else (residual.shape, residual.stride(), residual.dtype,
-                                                residual.device)))
+            input.shape, input.stride(), input.dtype, input.device)
+    if residual is None and weight is not None and bias is not None and running_mean is not None \
+            and running_var is not None:  # the common case: tensor_entries' tuple, spelled out
+        return head + (weight.shape, weight.stride(), weight.dtype, weight.device,
+                       bias.shape, bias.stride(), bias.dtype, bias.device,
+                       running_mean.shape, running_mean.stride(), running_mean.dtype, running_mean.device,
+                       running_var.shape, running_var.stride(), running_var.dtype, running_var.device, None)
+    return head + tensor_entries(weight, bias, running_mean, running_var, residual)
+
+
+def tensor_entries(*tensors) -> tuple:
+    """The key's entries of the given tensors: None for an absent one, its
+    shape, strides, dtype and device for a present one."""
+    entries = []
+    for t in tensors:
+        if t is None:
+            entries.append(None)
+        else:
+            entries += (t.shape, t.stride(), t.dtype, t.device)
+    return tuple(entries)
 
 
 def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
