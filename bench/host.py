@@ -42,7 +42,7 @@ import torch.nn.functional as F
 if __name__ == "__main__" and sys.argv[1:] == ["--standin"]:
     from .standin import install
 
-    install()  # before tritonbn: its kernels must be JITFunctions dispatching to the stand-in
+    install(record=False)  # before tritonbn: its kernels must be JITFunctions dispatching to the stand-in
 
 import tritonbn  # noqa: E402
 from tritonbn import autotune, launcher, plans  # noqa: E402

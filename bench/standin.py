@@ -6,8 +6,16 @@ compilation returns a stub kernel. ``kernel[grid](...)`` then runs Triton's
 whole Python dispatch on CPU tensors -- binding the arguments, specializing
 each one (pointer alignment, integers divisible by 16 or equal to 1, dtypes),
 the cache key and lookup, the grid -- and calls the stub's launcher with the
-arguments a real launcher would get. Only the compiled launcher's own work
-(parsing those arguments in C, the driver call) is missing.
+arguments a real launcher would get.
+
+Where it can be built (a C compiler, Triton's CUDA launcher module), the stub
+kernel's launcher is Triton's own compiled CUDA launcher, linked against a
+stand-in libcuda.so.1 (bench/standin_libcuda/libcuda_stub.c) that answers
+every driver call with success: the launcher's C work -- parsing every
+argument, a tensor's data_ptr() included, and the call into the driver --
+runs for real, and only the driver's own work is missing. Elsewhere the
+launcher is a Python function that records and returns (``LAUNCHER`` says
+which: "triton-c" or "python").
 
 tritonbn runs its Triton path on CPU tensors while a stand-in is installed
 (tritonbn.backend), so a whole call -- tritonbn's Python, Triton's dispatch
@@ -41,6 +49,8 @@ class Recorder:
         self.on = False
 
     def describe(self, value):
+        if type(value).__name__ == "HookChain" and not value.calls:
+            return None
         if isinstance(value, torch.Tensor):
             return ("tensor", self.names.get(value.data_ptr()), value.dtype, tuple(value.shape),
                     value.stride(), value.data_ptr() % 16)
@@ -51,6 +61,16 @@ class Recorder:
         if self.on:
             self.launches.append((kernel.name, kernel, grid, stream, function, packed_metadata,
                                   tuple(self.describe(a) for a in args)))
+
+    def record_entry(self, kernel, args):
+        """A launch as it reaches Triton's compiled C launcher: every argument
+        of its entry (the kernel's arguments as one tuple or flat), an empty
+        launch-hook chain as None (the launcher calls neither: a direct launch
+        passes None)."""
+        if self.on:
+            self.launches.append((kernel.name, kernel, tuple(
+                tuple(self.describe(a) for a in arg) if isinstance(arg, tuple) else self.describe(arg)
+                for arg in args)))
 
     def take(self) -> list[tuple]:
         out, self.launches = self.launches, []
@@ -72,11 +92,25 @@ class StubKernel:
         self.packed_metadata = (self.num_warps, options.get("num_ctas", 1), 0)
         self.metadata = None
         recorder = recorder or Recorder()
+        if LAUNCHER == "triton-c":
+            # Triton's own launcher: what its dispatch and a direct launch call alike; the
+            # recorder sees what reaches its compiled C entry
+            from triton.backends.nvidia.driver import CudaLauncher
+            self.run = CudaLauncher(src, _LauncherMetadata())
+            if _RECORD:
+                entry = self.run.launch
+
+                def recorded(*args):
+                    recorder.record_entry(self, args)
+                    return entry(*args)
+                self.run.launch = recorded
+            return
+        record = recorder.record
 
         def run(grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata,
                 enter_hook, exit_hook, *args):
-            recorder.record(self, (grid_0, grid_1, grid_2), stream, function, packed_metadata,
-                            launch_metadata, enter_hook, exit_hook, args)
+            record(self, (grid_0, grid_1, grid_2), stream, function, packed_metadata,
+                   launch_metadata, enter_hook, exit_hook, args)
 
         self.run = run
 
@@ -120,14 +154,68 @@ class StandInDriver:
 
 
 _installed: Recorder | None = None
+_RECORD = True  # whether launches can be recorded (install's record)
+LAUNCHER = "python"  # "triton-c" once install() has built Triton's C launcher against the stand-in libcuda
 
 
-def install() -> Recorder:
+class _LauncherMetadata:
+    """The compiled-kernel metadata Triton's CudaLauncher reads: no scratch
+    memory, a plain (not cooperative, no PDL) launch of one CTA."""
+    num_ctas = 1
+    global_scratch_size = profile_scratch_size = 0
+    global_scratch_align = profile_scratch_align = 1
+    launch_cooperative_grid = launch_pdl = False
+    tensordesc_meta = None
+
+
+_libcuda = None  # the stand-in libcuda, once loaded
+
+
+def driver_launches() -> int:
+    """Launches that reached the stand-in libcuda (through Triton's C launcher)."""
+    import ctypes
+    return 0 if _libcuda is None else ctypes.c_ulonglong.in_dll(_libcuda, "tritonbn_stub_launches").value
+
+
+def _build_c_launcher(driver) -> bool:
+    """Compile the stand-in libcuda, load it under its soname (libcuda.so.1,
+    which Triton's launcher links and dlopens), and give the driver Triton's
+    CudaUtils built against it. False where any step fails (no compiler, a
+    Triton without that module): the Python launcher is used."""
+    import ctypes
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(here, "standin_libcuda", "libcuda_stub.c")
+    out = os.path.join(tempfile.gettempdir(), f"tritonbn-standin-libcuda-{os.getuid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        library = os.path.join(out, "libcuda.so.1")
+        if not os.path.exists(library) or os.path.getmtime(library) < os.path.getmtime(source):
+            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", library + ".tmp",
+                            source], check=True, capture_output=True)
+            os.replace(library + ".tmp", library)
+        if not os.path.exists(os.path.join(out, "libcuda.so")):
+            os.symlink("libcuda.so.1", os.path.join(out, "libcuda.so"))
+        global _libcuda
+        _libcuda = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+        os.environ["TRITON_LIBCUDA_PATH"] = out
+        from triton.backends.nvidia.driver import CudaUtils
+        driver.utils = CudaUtils()
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the Python launcher
+        return False
+
+
+def install(record: bool = True) -> Recorder:
     """Set the stand-in driver active and stub compilation (once per process);
-    returns the process's Recorder (recording off until ``recorder.on``)."""
-    global _installed
+    returns the process's Recorder (recording off until ``recorder.on``).
+    record=False (a benchmark): Triton's C launcher is called as it is, with
+    nothing in front of it, and the recorder sees no launch."""
+    global _installed, LAUNCHER, _RECORD
     if _installed is not None:
         return _installed
+    _RECORD = record
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
         raise RuntimeError("the stand-in driver needs Triton's compiled path: unset TRITON_INTERPRET")
     import triton
@@ -139,7 +227,10 @@ def install() -> Recorder:
         return StubKernel(src, options or {}, recorder)
 
     triton.compiler.compile = compile_stub
-    triton.runtime.driver.set_active(StandInDriver())
+    driver = StandInDriver()
+    if os.environ.get("TRITONBN_STANDIN_LAUNCHER", "c") == "c" and _build_c_launcher(driver):
+        LAUNCHER = "triton-c"
+    triton.runtime.driver.set_active(driver)
     import importlib  # tritonbn after the driver: its kernels are then JITFunctions
     importlib.import_module("tritonbn.backend").use_standin_driver()
     _installed = recorder

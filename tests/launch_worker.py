@@ -128,6 +128,10 @@ def check(label: str, fn, named, report: dict, fresh: bool = True) -> list:
     DISPATCHES = 0
     direct = launches_of(fn, named)
     dispatched = DISPATCHES
+    for plan in plans._plans.values():
+        for prepared in plan.launches.values():
+            if prepared.direct is not None:
+                report["entries"][prepared.direct[-1] is not None] += 1
     launcher.enabled = False
     plans.clear()
     jit = launches_of(fn, named)
@@ -145,7 +149,8 @@ def check(label: str, fn, named, report: dict, fresh: bool = True) -> list:
 
 
 def main(out_file: str, quick: bool) -> None:
-    report = dict(failures=[], variants=set(), launches=0, cases=0, respecialized=0)
+    report = dict(failures=[], variants=set(), launches=0, cases=0, respecialized=0,
+                  entries={True: 0, False: 0})  # prepared direct launches: through the C entry, or not
     shapes = RESNET50[::4] if quick else RESNET50
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
     with autotune.use_tuner(GPUHeuristic()):
@@ -199,6 +204,9 @@ def main(out_file: str, quick: bool) -> None:
     report["variants"] = sorted(report["variants"])
     report["triton"] = triton.__version__
     report["direct_enabled"] = launcher.enabled
+    report["launcher"] = standin.LAUNCHER
+    report["driver_launches"] = standin.driver_launches()
+    report["entries"] = {"c": report["entries"][True], "python": report["entries"][False]}
     with open(out_file, "w") as f:
         json.dump(report, f)
 

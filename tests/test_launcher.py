@@ -3,11 +3,12 @@ what Triton's own dispatch hands it.
 
 The check runs in a child process (tests/launch_worker.py) under the
 stand-in driver (bench/standin.py): the interpreter off, Triton's real JIT
-specializing and caching on CPU tensors, compilation stubbed, the launcher
-recording its arguments. Launch settings are the heuristic's on an H100, so
+specializing and caching on CPU tensors, compilation stubbed, Triton's own C
+launcher (over a stand-in libcuda) recording the arguments of its entry. Launch settings are the heuristic's on an H100, so
 the kernel variants are those the reference shapes launch on a GPU."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,20 @@ def test_direct_launches_pass_what_triton_passes(report):
     assert any("bn_bwd_coop_kernel" in v for v in report["variants"])
     assert any("bn_inference_flat_kernel" in v for v in report["variants"])
     assert any("bn_fwd_resident_kernel" in v for v in report["variants"])
+
+
+def test_direct_launches_call_tritons_c_launcher(report):
+    """Where a C compiler builds the stand-in libcuda, Triton's own compiled
+    CUDA launcher runs every launch (its argument parsing included; the
+    driver answers every call), and every prepared direct launch calls its
+    C entry without CudaLauncher.__call__ in front of it."""
+    if launcher.VERSION not in launcher.SUPPORTED:
+        pytest.skip(f"triton {launcher.VERSION}: direct launches are off")
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler: the stand-in's launcher is a Python function")
+    assert report["launcher"] == "triton-c"
+    assert report["driver_launches"] >= 2 * report["launches"]  # the direct launches and Triton's own
+    assert report["entries"]["python"] == 0 and report["entries"]["c"] > 0
 
 
 def test_a_specialization_change_takes_a_new_kernel(report):

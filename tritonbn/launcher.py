@@ -72,7 +72,8 @@ class Launch:
         self.grid = grid
         self.kwargs = kwargs
         self.kernel = None  # the kernel the direct launch was prepared for
-        self.direct = None  # (launcher, function, packed metadata, tail, device, grid, driver) once known
+        # once known: (launcher, function, packed metadata, tail, device, grid, driver, C entry or None)
+        self.direct = None
 
     def __call__(self, *tensors) -> None:
         kernel = getattr(kernels, self.name)
@@ -80,10 +81,19 @@ class Launch:
         if (direct is not None and kernel is self.kernel and enabled and not kernel.pre_run_hooks
                 and _RUNTIME.launch_enter_hook is _HOOKS[0] and _RUNTIME.launch_exit_hook is _HOOKS[1]
                 and not _HOOKS[0].calls and not _HOOKS[1].calls):  # Triton's launch hooks: its empty chains
-            run, function, packed, tail, device, (g0, g1, g2), driver = direct
+            run, function, packed, tail, device, (g0, g1, g2), driver, entry = direct
             if driver.get_current_device() == device:
-                run(g0, g1, g2, driver.get_current_stream(device), function, packed, None, None, None,
-                    *tensors, *tail)
+                stream = driver.get_current_stream(device)
+                if entry is None:
+                    run(g0, g1, g2, stream, function, packed, None, None, None, *tensors, *tail)
+                elif entry[0]:  # triton 3.7-3.9: the arguments as one tuple
+                    _, launch_c, cooperative, pdl, annotations, signature = entry
+                    launch_c(g0, g1, g2, stream, function, cooperative, pdl, packed, None, None, None, None, None,
+                             annotations, signature, (*tensors, *tail))
+                else:  # triton 3.6: scratch before the metadata, the arguments flat
+                    _, launch_c, cooperative, pdl = entry
+                    launch_c(g0, g1, g2, stream, function, cooperative, pdl, None, None, packed, None, None, None,
+                             *tensors, *tail)
                 return
         compiled = kernel[self.grid](*tensors, **self.kwargs)
         if enabled and kernel is not self.kernel and compiled is not None:
@@ -110,7 +120,30 @@ def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
     driver = triton.runtime.driver.active
     grid = (*grid, 1, 1)[:3]
     return (compiled.run, compiled.function, compiled.packed_metadata, tuple(tail),
-            driver.get_current_device(), grid, _CurrentDevice(driver))
+            driver.get_current_device(), grid, _CurrentDevice(driver), _c_entry(compiled.run))
+
+
+def _c_entry(run):
+    """Where ``run`` is Triton's CUDA launcher (CudaLauncher) and the kernel
+    needs no scratch memory: its compiled C entry and the fixed arguments
+    CudaLauncher.__call__ adds (about a microsecond of Python a launch, most
+    of it building scratch allocators that return None here), for the direct
+    launch to call that entry as __call__ would; None elsewhere (another
+    backend, scratch memory, GSan, an unknown version)."""
+    try:
+        from triton.backends.nvidia.driver import CudaLauncher
+    except ImportError:  # pragma: no cover - a triton without the CUDA backend
+        return None
+    if (not isinstance(run, CudaLauncher) or type(run).__call__ is not CudaLauncher.__call__
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)
+            or getattr(run, "gsan_enabled", False)):
+        return None
+    if VERSION in ("3.7", "3.8", "3.9"):
+        return (True, run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
+                run.kernel_signature)
+    if VERSION == "3.6":
+        return (False, run.launch, run.launch_cooperative_grid, run.launch_pdl)
+    return None
 
 
 class _CurrentDevice:
