@@ -215,13 +215,23 @@ def measure(device: str | None = None) -> list[dict]:
                 fns["torch"] = (theirs, contextlib.nullcontext)
                 us, wall = _time_all(fns, calls, sync)
                 launches, allocated = _counts(ours)
-                rows.append(dict(call=name, shape="x".join(map(str, shape)),
+                rows.append(dict(launch_path=launch_path(device), call=name, shape="x".join(map(str, shape)),
                                  own_us=us["own"], dispatch_us=us["dispatch"], direct_us=us["direct"],
                                  torch_us=us["torch"], ratio=us["direct"] / us["torch"],
                                  dispatch_ratio=us["dispatch"] / us["torch"],
                                  calls_per_s=1e6 / wall["direct"], torch_calls_per_s=1e6 / wall["torch"],
                                  launches=launches, allocations=allocated))
     return rows
+
+
+def launch_path(device: str) -> str:
+    """How the kernel launches ran: for real, or under which stand-in launcher."""
+    if device == "cuda":
+        return "real"
+    from . import standin
+    if standin.LAUNCHER == "triton-c":
+        return "stand-in driver: Triton's dispatch and C launcher, a stand-in libcuda (no GPU)"
+    return "stand-in driver: Triton's dispatch, a Python launcher (no GPU)"
 
 
 def measure_standin() -> list[dict]:

@@ -234,11 +234,10 @@ def run_host(args, context: dict) -> pd.DataFrame:
     """python -m bench --host: rows appended to <device>-host.csv beside the bench CSV."""
     from . import host
     gpu = torch.cuda.is_available()
-    launches = "real" if gpu else "stand-in driver (Triton's dispatch, no GPU)"
-    print(f"per-call host time, CPU us per call, best of {host.REPEATS} means; kernel launches: {launches}",
-          flush=True)
     rows = host.measure() if gpu else host.measure_standin()
-    df = pd.DataFrame([dict(context, launch_path=launches, **row) for row in rows])
+    print(f"per-call host time, CPU us per call, best of {host.REPEATS} means; kernel launches: "
+          f"{rows[0]['launch_path']}", flush=True)
+    df = pd.DataFrame([dict(context, **row) for row in rows])
     shown = ["call", "shape", "own_us", "dispatch_us", "direct_us", "torch_us", "ratio", "launches",
              "allocations"]
     print(df[shown].round(2).to_string(index=False))

@@ -1,6 +1,8 @@
 """The benchmark harness on one tiny shape: schema, correctness column, that a
 wrong result is flagged and never timed, and that the interpreter's run checks
 correctness without timing unless asked to."""
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -106,7 +108,9 @@ def test_host_time_rows(tmp_path):
     assert by_call.launches["batch_norm eval forward"] == 1
     assert by_call.launches["split training forward, no_grad"] >= 2
     assert by_call.allocations["batch_norm eval forward"] == 1  # y alone: no statistics without a gradient
-    assert saved.launch_path.iloc[0] == ("real" if torch.cuda.is_available()
-                                         else "stand-in driver (Triton's dispatch, no GPU)")
+    if torch.cuda.is_available():
+        assert saved.launch_path.iloc[0] == "real"
+    elif shutil.which("cc") is not None:  # the stand-in libcuda builds: Triton's C launcher runs
+        assert saved.launch_path.iloc[0].startswith("stand-in driver: Triton's dispatch and C launcher")
     assert len(df) == len(saved)
     assert (launcher.enabled, launcher.Launch.__call__) == before

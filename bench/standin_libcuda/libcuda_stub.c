@@ -21,6 +21,9 @@ CUresult cuDevicePrimaryCtxRetain(CUcontext *c, CUdevice d) { *c = &ctx_token; r
 CUresult cuCtxGetLimit(size_t *v, int l) { *v = 0; return 0; }
 CUresult cuCtxSetLimit(int l, size_t v) { return 0; }
 CUresult cuModuleLoadData(CUmodule *m, const void *d) { *m = &ctx_token; return 0; }
+CUresult cuModuleUnload(CUmodule m) { return 0; }
+CUresult cuCtxGetDevice(CUdevice *d) { *d = 0; return 0; }
+CUresult cuStreamIsCapturing(void *stream, int *status) { *status = 0; return 0; }  /* not capturing */
 CUresult cuModuleGetFunction(CUfunction *f, CUmodule m, const char *n) { *f = &ctx_token; return 0; }
 CUresult cuFuncGetAttribute(int *v, int a, CUfunction f) { *v = 0; return 0; }
 CUresult cuFuncSetAttribute(CUfunction f, int a, int v) { return 0; }
