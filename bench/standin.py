@@ -14,8 +14,9 @@ stand-in libcuda.so.1 (bench/standin_libcuda/libcuda_stub.c) that answers
 every driver call with success: the launcher's C work -- parsing every
 argument, a tensor's data_ptr() included, and the call into the driver --
 runs for real, and only the driver's own work is missing. Elsewhere the
-launcher is a Python function that records and returns (``LAUNCHER`` says
-which: "triton-c" or "python").
+launcher is a Python function that records and returns, as it is with
+TRITONBN_STANDIN_LAUNCHER=python in the environment (``LAUNCHER`` says
+which ran: "triton-c" or "python").
 
 tritonbn runs its Triton path on CPU tensors while a stand-in is installed
 (tritonbn.backend), so a whole call -- tritonbn's Python, Triton's dispatch
