@@ -193,11 +193,15 @@ def _build_c_launcher(driver) -> bool:
         os.makedirs(out, exist_ok=True)
         library = os.path.join(out, "libcuda.so.1")
         if not os.path.exists(library) or os.path.getmtime(library) < os.path.getmtime(source):
-            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", library + ".tmp",
-                            source], check=True, capture_output=True)
-            os.replace(library + ".tmp", library)
+            built = f"{library}.{os.getpid()}"  # several processes (test workers) may build at once
+            subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wl,-soname,libcuda.so.1", "-o", built, source],
+                           check=True, capture_output=True)
+            os.replace(built, library)
         if not os.path.exists(os.path.join(out, "libcuda.so")):
-            os.symlink("libcuda.so.1", os.path.join(out, "libcuda.so"))
+            try:
+                os.symlink("libcuda.so.1", os.path.join(out, "libcuda.so"))
+            except FileExistsError:
+                pass
         global _libcuda
         _libcuda = ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
         os.environ["TRITON_LIBCUDA_PATH"] = out
