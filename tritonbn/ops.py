@@ -365,8 +365,8 @@ class PlannedBatchNormFunction(torch.autograd.Function):
     statistics stay internal: saved, never returned). forward does the work
     of setup_context itself, so autograd.Function.apply does not bind
     arguments with inspect.signature on every call, and apply is autograd's
-    own (C++) entry. The backward's plan hangs off the forward's
-    (_backward_plan), found by grad_out alone. Backward in any other context
+    own (C++) entry. The backward's plan hangs off the forward's, found by
+    grad_out alone (_backward_link). Backward in any other context
     and forward-mode AD are BatchNormFunction's. Never under functorch
     transforms (they need setup_context): planned_forward checks."""
 
