@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, depart, load_channel, load_grad, raise_flag, relu_mask_from_x,
-    reset_arrivals, saved_affine, split_range, tile_offsets, wait_or_hand_over,
+    HANDED_OVER, affine, arrive, claim_shares, combine_double, depart, load_channel, load_grad, raise_flag,
+    relu_mask_from_x, reset_arrivals, saved_affine, split_range, tile_offsets, wait_or_hand_over,
 )
 
 
@@ -197,7 +197,7 @@ def bn_bwd_dx_kernel(
     stride_yn, stride_yc, stride_ys,
     n_per_split, s_per_split,
     stride_sums,
-    count,              # what the sums are divided by: m = N * S, as a float
+    count_hi, count_lo,  # what the sums are divided by: m = N * S, as two float32 halves (exact in float64)
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -212,6 +212,7 @@ def bn_bwd_dx_kernel(
                                              HAS_WEIGHT, HAS_BIAS, ACC_DTYPE)
 
     if TRAINING:
+        count = combine_double(count_hi, count_lo, ACC_DTYPE)
         g_shift, xmu_coef = dx_coefficients(Sums, stride_sums, cols, cmask, scale, invstd, count, "", ACC_DTYPE)
     mean = mean[None, :, None]
     scale = scale[None, :, None]
@@ -388,7 +389,7 @@ def bn_bwd_coop_kernel(
     stride_gn, stride_gc, stride_gs,
     stride_dxn, stride_dxc, stride_dxs,
     stride_yn, stride_yc, stride_ys,
-    count,              # m = N * S, as a float
+    count_hi, count_lo,  # m = N * S, as two float32 halves (exact in float64)
     spin_limit,         # polls of the summed flag before a share is handed to the merger
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
@@ -411,6 +412,7 @@ def bn_bwd_coop_kernel(
     num_blocks = tl.cdiv(C, BLOCK_C)
     n0 = member // s_parts * BLOCK_N
     s0 = member % s_parts * BLOCK_S
+    count = combine_double(count_hi, count_lo, ACC_DTYPE)
     for block in range(tl.program_id(1), num_blocks, tl.num_programs(1)):
         cols = block * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = cols < C

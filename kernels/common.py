@@ -182,8 +182,8 @@ def load_channel(ptr, cols, cmask, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def combine_double(hi, lo, ACC_DTYPE: tl.constexpr):
-    """A float64 hyper-parameter passed as two float32 halves (Triton passes
-    Python floats as fp32); in fp32 this is just hi."""
+    """A float64 scalar (momentum, eps, the count m) passed as two float32
+    halves (Triton passes Python floats as fp32); in fp32 this is just hi."""
     return tl.cast(hi, ACC_DTYPE) + tl.cast(lo, ACC_DTYPE)
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import tritonbn
 from tritonbn import launch, plans
-from tritonbn.autotune import override
+from tritonbn.autotune import LaunchConfig, override
 from reference import flat, resident, split
 
 
@@ -88,3 +88,25 @@ def test_nonfinite_values_propagate_like_torch(device):
     expected = F.batch_norm(x, None, None, training=True)
     assert torch.isnan(y[:, :2]).all(), "an inf or nan makes its whole channel nan, as in torch"
     torch.testing.assert_close(y, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("regime", ["split", "cooperative"])
+def test_the_backward_divides_by_the_exact_count(regime):
+    """m = N * S reaches the dx kernels as two float32 halves (Triton passes a
+    Python float as float32): they add up to m exactly in float64 where m
+    has more bits than a float32 holds (2^24 + 5 values a channel here; a
+    single float32 would be 2^24 + 4). Checked on the plan's arguments, as
+    the kernel receives them: the interpreter would keep a double."""
+    import numpy as np
+    m = 2 ** 24 + 5
+    x = torch.empty((m // 3, 2, 3), dtype=torch.float64, device="meta")  # m = 3 * 5592407
+    x, view, fmt = plans.canonical(x)
+    cfg = split(block_n=64, block_s=8) if regime == "split" else \
+        LaunchConfig("cooperative", 1024, 1, 8, split_n=-(-view.N // 1024), split_s=1)
+    plan = plans.backward_plan(x, x, view, fmt, cfg, training=True, weight=None, output_mask=(True, False, False),
+                               bias_dtype=None, output=None, residual_grad=False, relu_from_input=False,
+                               has_bias=False)
+    hi, lo = plan.args["count_hi"], plan.args["count_lo"]
+    assert float(np.float32(hi)) == hi and float(np.float32(lo)) == lo, "each half is a float32"
+    assert float(np.float64(hi) + np.float64(lo)) == m
+    assert float(np.float32(m)) != m  # what one float32 would have lost

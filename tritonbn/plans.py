@@ -152,7 +152,7 @@ def _to_float32(value: float) -> float:
 @functools.lru_cache(maxsize=64)
 def hi_lo(value: float) -> tuple[float, float]:
     """value as two float32 halves: Triton passes Python floats as fp32, and
-    float64 inputs need momentum and eps to ~48 bits."""
+    float64 inputs need momentum, eps and the count m = N * S to ~48 bits."""
     hi = _to_float32(value)
     return hi, _to_float32(value - hi)
 
@@ -499,7 +499,8 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
         plan.grid = (grid[0],)
         if cfg.regime == "cooperative":
             _cooperative(plan, view, cfg, x.device, x.element_size())
-            args.update(count=float(view.N * view.S))
+            count_hi, count_lo = hi_lo(float(view.N * view.S))
+            args.update(count_hi=count_hi, count_lo=count_lo)
             if not has_sums:  # nothing to wait for: one launch anywhere
                 plan.phases = (0,)
         return plan
@@ -511,8 +512,9 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
                               STORE_DBIAS=need_db, STORE_SUMS=training,
                               SPLIT_BLOCK=split_block(plan.num_splits, cfg.block_c),
                               **meta(view, cfg, x, grad_out, output))
+    count_hi, count_lo = hi_lo(float(view.N * view.S) if count is None else count)
     args.update(n_per_split=n_per_split, s_per_split=s_per_split, stride_sums=plan.num_splits * view.C,
-                count=float(view.N * view.S) if count is None else count)
+                count_hi=count_hi, count_lo=count_lo)
     return plan
 
 
