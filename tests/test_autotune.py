@@ -279,6 +279,45 @@ def test_entries_for_another_gpu_triton_or_kernel_source_are_ignored(device, tmp
     assert LaunchConfig.from_dict(_entry(tuner, x)["config"]) != forced
 
 
+def test_cooperative_off_skips_a_cached_cooperative_entry(tmp_path, monkeypatch):
+    """TRITONBN_COOPERATIVE=0 keeps a tuned cooperative entry from being used
+    (the heuristic's config instead, off the regime) and leaves it in the
+    cache; with the regime allowed the entry is used again."""
+    from reference import cooperative
+    x = torch.randn(6, 3, 4, 5)
+    problem = _problem("forward", x)
+    tuned = cooperative(x)
+    context = device_context(problem.device.type, problem.device.index)
+    cache = Cache(tmp_path / "autotune.json", shipped=False)
+    cache.put(context, problem_key(problem), {"config": tuned.to_dict()})
+
+    def no_trial(config):
+        raise AssertionError("a cached problem is not tuned again")
+    tuner = Tuner(cache, timer=FakeTimer([]))
+    monkeypatch.setenv("TRITONBN_COOPERATIVE", "0")
+    chosen = tuner.choose(problem, no_trial)
+    assert chosen.regime != "cooperative" and chosen == heuristic(problem)
+    assert cache.get(context, problem_key(problem))["config"] == tuned.to_dict()
+    monkeypatch.delenv("TRITONBN_COOPERATIVE")
+    assert tuner.choose(problem, no_trial) == tuned
+
+
+def test_the_cache_context_names_the_sm_count(monkeypatch):
+    """A CUDA context holds the device's SM count: a MIG slice of a GPU,
+    with the GPU's name and fewer SMs, reads none of the whole GPU's entries."""
+    from types import SimpleNamespace
+    contexts = []
+    for sms in (132, 16):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda index, sms=sms: SimpleNamespace(multi_processor_count=sms))
+        device_context.cache_clear()
+        contexts.append(device_context("cuda", 0))
+    device_context.cache_clear()
+    assert contexts[0] != contexts[1] and "132 SMs" in contexts[0] and "16 SMs" in contexts[1]
+
+
 def test_autotune_off_uses_the_heuristic_only(device, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_AUTOTUNE, "0")
     x = _x(device)

@@ -234,10 +234,11 @@ def slab_fits(problem: Problem) -> bool:
 
 
 def cooperative_enabled() -> bool:
-    """TRITONBN_COOPERATIVE=0 keeps the heuristic and the tuner off the
-    cooperative regime: for a GPU shared so that a process may get fewer SMs
-    than the device has (MPS with an active-thread percentage, green
-    contexts), where a group's programs might not all be resident at once."""
+    """TRITONBN_COOPERATIVE=0 keeps the heuristic, the tuner and cached
+    entries off the cooperative regime: for a GPU shared so that a process
+    may get fewer SMs than the device has (MPS with an active-thread
+    percentage, green contexts), where a group's programs might not all be
+    resident at once."""
     return os.environ.get("TRITONBN_COOPERATIVE", "1") != "0"
 
 

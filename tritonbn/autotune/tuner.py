@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .cache import Cache
-from .config import LaunchConfig, Problem, candidates, heuristic
+from .config import LaunchConfig, Problem, candidates, cooperative_enabled, heuristic
 
 ENV_AUTOTUNE = "TRITONBN_AUTOTUNE"
 # candidates must agree with the heuristic's results to this (rtol = atol)
@@ -56,12 +56,14 @@ def kernel_source_hash() -> str:
 
 @functools.lru_cache(maxsize=None)
 def device_context(device_type: str, index: int | None) -> str:
-    """What a cache entry is valid for: GPU and compute capability, triton, kernel sources."""
+    """What a cache entry is valid for: GPU, compute capability and SM count
+    (a MIG slice has the name of its GPU and fewer SMs), triton, kernel sources."""
     versions = f"triton-{triton.__version__}|kernels-{kernel_source_hash()}"
     if device_type == "cuda":
         index = torch.cuda.current_device() if index is None else index
         major, minor = torch.cuda.get_device_capability(index)
-        return f"{torch.cuda.get_device_name(index)}|sm_{major}{minor}|{versions}"
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        return f"{torch.cuda.get_device_name(index)}|sm_{major}{minor}|{sms} SMs|{versions}"
     return f"{device_type}-interpreter|{versions}"
 
 
@@ -100,6 +102,8 @@ class Tuner:
         key = problem_key(problem)
         cached = None if self.retune else self._cached(problem, context, key)
         if cached is not None:
+            if cached.regime == "cooperative" and not cooperative_enabled():
+                return heuristic(problem)  # the entry stays, for when the regime is allowed again
             return cached
         if trial is None or not self._can_time(problem):
             return heuristic(problem)
