@@ -402,11 +402,13 @@ def bn_bwd_coop_kernel(
     """Program (member, group) holds tile (member // s_parts, member % s_parts)
     of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
     partial sums and their total only; 2: the elementwise gradients only.
-    Without sums to take (eval mode, no dweight / dbias) it only runs PHASE 0.
-    In PHASE 0 the merger also finishes the shares handed over to it
+    In eval mode (whose dx reads no totals) it only runs PHASE 0 and no
+    program waits: the last to arrive sums dweight / dbias, if asked for.
+    In training the merger also finishes the shares handed over to it
     (kernels/common.py: wait_or_hand_over), reading their x and dy again,
     [PIECE_N, BLOCK_C, PIECE_S] at a time."""
     HAS_SUMS: tl.constexpr = TRAINING or STORE_DWEIGHT or STORE_DBIAS
+    WAITS: tl.constexpr = TRAINING and PHASE == 0  # the members' dx needs the totals the merger writes
     NEED_X: tl.constexpr = HAS_SUMS or RELU_FROM_X
     member = tl.program_id(0)
     num_blocks = tl.cdiv(C, BLOCK_C)
@@ -433,10 +435,10 @@ def bn_bwd_coop_kernel(
                 sum_g, sum_g_xhat = sum_partials(Partials, GROUP, C, cols, cmask, SPLIT_BLOCK, BLOCK_C, ".cg")
                 store_sums(DWeight, DBias, Totals, C, cols, cmask, sum_g, sum_g_xhat,
                            STORE_DWEIGHT, STORE_DBIAS, True)
-                if PHASE == 0:  # PHASE 2 reads the statistics after a launch boundary
+                if WAITS:  # PHASE 2 reads the totals after a launch boundary
                     raise_flag(Flags + num_blocks + block)
         go = True
-        if HAS_SUMS and PHASE == 0:
+        if WAITS:
             go = arrived == GROUP - 1
             if arrived != GROUP - 1:
                 go = wait_or_hand_over(Flags + num_blocks + block, shares + member, spin_limit)
@@ -445,7 +447,7 @@ def bn_bwd_coop_kernel(
                 _gradients_of_share(g, xmu, DX, DR, Totals, n0, s0, cols, cmask, mask, scale, invstd, count,
                                     N, S, C, stride_dxn, stride_dxc, stride_dxs, TRAINING, COMPUTE_DX,
                                     STORE_DRESIDUAL, BLOCK_N, BLOCK_S, CHANNEL_INNER, INT64, VEC, ACC_DTYPE)
-        if HAS_SUMS and PHASE == 0:
+        if WAITS:
             if arrived == GROUP - 1:
                 if claim_shares(shares, member, GROUP, MEMBERS) > 0:
                     _finish_shares(shares, X, DY, DX, Y, DR, Mean, Totals, cols, cmask, mean, scale, bias, invstd,

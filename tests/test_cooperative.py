@@ -156,17 +156,30 @@ def test_interpreter_runs_two_phases_and_groups_take_blocks_in_turn(monkeypatch)
     assert [(grid, phase, group) for _, grid, phase, group in log] == [((2, 2), 1, 2), ((2, 2), 2, 2)] * 2
 
 
-def test_backward_without_sums_is_one_launch(monkeypatch):
-    """Eval mode without parameter gradients takes no sums: nothing to wait for,
-    one PHASE 0 launch even under the interpreter."""
+@pytest.mark.parametrize("sums", [False, True])
+def test_eval_backward_is_one_launch_that_waits_for_nothing(monkeypatch, sums):
+    """Eval mode's dx (grad_out * weight * invstd) reads no totals: one PHASE 0
+    launch even under the interpreter, with or without parameter gradients
+    (the last program of a channel block to arrive sums those), no program
+    waiting (a wait would hand every share over there: spin_limit 0 shows
+    none does), and the counters left at zero."""
+    monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", 0)
+    plans.clear()
     log = _launches(monkeypatch)
-    x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
-    w, mean, invstd = torch.randn(3), torch.randn(3), torch.rand(3) + 0.5
-    dx, dw, db, _ = launch.backward(g, x, w, mean, invstd, False, (True, False, False), None,
+    x, g = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    w, mean, invstd = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), \
+        torch.rand(3, dtype=torch.float64) + 0.5
+    dx, dw, db, _ = launch.backward(g, x, w, mean, invstd, False, (True, sums, sums), w.dtype,
                                     config=cooperative(x, block_s=16))
-    assert dw is None and db is None
     torch.testing.assert_close(dx, g * (w * invstd)[None, :, None, None])
+    if sums:
+        xhat = (x - mean[None, :, None, None]) * invstd[None, :, None, None]
+        torch.testing.assert_close(dw, (g * xhat).sum((0, 2, 3)))
+        torch.testing.assert_close(db, g.sum((0, 2, 3)))
+    else:
+        assert dw is None and db is None
     assert [(name, phase) for name, _, phase, _ in log] == [("bn_bwd_coop_kernel", 0)]
+    assert counters.all_zero()
 
 
 def test_results_are_bitwise_reproducible_and_the_regimes_agree(monkeypatch):
@@ -227,7 +240,7 @@ def test_single_launch_with_shares_handed_over_equals_two_phases(monkeypatch, la
         return outputs + running, log
 
     expected, two = run()
-    assert {phase for _, _, phase, _ in two} == {1, 2}
+    assert {phase for _, _, phase, _ in two} == {0, 1, 2}  # the eval backward: one launch anywhere
     monkeypatch.setattr(config_module, "_sm_count", lambda *args: 6)
     _single_launch(monkeypatch, spin_limit, pieces)
     for _ in range(2):
