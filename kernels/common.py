@@ -319,7 +319,6 @@ def claim_shares(State, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
     return tl.sum((before == HANDED_OVER).to(tl.int32), 0)
 
 
-
 @triton.jit
 def depart(Departed, Done, State, GROUP: tl.constexpr):
     """Count this program out of a channel block's exchange, after its last

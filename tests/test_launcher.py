@@ -4,8 +4,9 @@ what Triton's own dispatch hands it.
 The check runs in a child process (tests/launch_worker.py) under the
 stand-in driver (bench/standin.py): the interpreter off, Triton's real JIT
 specializing and caching on CPU tensors, compilation stubbed, Triton's own C
-launcher (over a stand-in libcuda) recording the arguments of its entry. Launch settings are the heuristic's on an H100, so
-the kernel variants are those the reference shapes launch on a GPU."""
+launcher (over a stand-in libcuda) recording the arguments of its entry.
+Launch settings are the heuristic's on an H100, so the kernel variants are
+those the reference shapes launch on a GPU."""
 import json
 import os
 import shutil
