@@ -126,8 +126,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     (SyncBatchNorm, split regime): the statistics are merged from them.
     keep_stats=False (inference that needs no gradient): (y, None, None),
     neither allocated nor written."""
-    y = torch.empty_like(x) if p.like_input else torch.empty_strided(p.size, p.stride, dtype=x.dtype,
-                                                                      device=x.device)
+    y = _output_like(p, x)
     r = x if residual is None else residual
     if not p.training:
         kernel = "bn_inference_flat_kernel" if p.regime == "flat" else "bn_inference_kernel"
@@ -193,12 +192,9 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     if relu_from_input and (output is not None or residual_grad or not training):
         raise ValueError("relu_from_input recomputes the training forward's ReLU mask without a "
                          "residual; it takes no output or residual_grad and needs training=True")
-    need_dx, need_dw, need_db = output_mask
-    need_dw = need_dw and weight is not None
-    need_db = need_db and bias_dtype is not None
-    if not (need_dx or need_dw or need_db or residual_grad):
+    mask = _backward_mask(weight, output_mask, bias_dtype)
+    if not (any(mask) or residual_grad):
         return None, None, None, None
-    mask = (need_dx, need_dw, need_db)
     bias = bias if relu_from_input else None  # read for the recomputed mask only
     key = None
     if config is None:
@@ -224,6 +220,31 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     return run_backward(found, *tensors)
 
 
+def _backward_mask(weight, output_mask, bias_dtype) -> tuple[bool, bool, bool]:
+    """output_mask without the gradients that have nowhere to go (no weight, no bias)."""
+    need_dx, need_dw, need_db = output_mask
+    return need_dx, need_dw and weight is not None, need_db and bias_dtype is not None
+
+
+def cached_backward_plan(grad_out, x, weight, save_mean, save_invstd, training: bool,
+                         output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None, *,
+                         output: torch.Tensor | None, residual_grad: bool, relu_from_input: bool,
+                         bias: torch.Tensor | None):
+    """The plan backward() keeps for these arguments (after a call with them),
+    or None where it keeps none."""
+    key = plans.backward_key(grad_out, x, weight, save_mean, save_invstd, training,
+                             _backward_mask(weight, output_mask, bias_dtype), bias_dtype, output, residual_grad,
+                             relu_from_input, bias if relu_from_input else None)
+    return key and plans.lookup(key)
+
+
+def _output_like(p, x: torch.Tensor) -> torch.Tensor:
+    """A new tensor of x's dtype and device with plan p's output size and strides."""
+    if p.like_input:
+        return torch.empty_like(x)
+    return torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=x.device)
+
+
 def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, output, bias, *,
                  sums=None, partials=None):
     """Allocate the gradients and launch plan p. SyncBatchNorm's uses (split
@@ -231,10 +252,8 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     dweight; partials [2, 1, C] given: dx from those (already divided) sums
     instead of x's own."""
     device = x.device
-    like = torch.empty_like if p.like_input else (
-        lambda x: torch.empty_strided(p.size, p.stride, dtype=x.dtype, device=device))
-    dx = like(x) if p.need_dx else None
-    dr = like(x) if p.residual_grad else None
+    dx = _output_like(p, x) if p.need_dx else None
+    dr = _output_like(p, x) if p.residual_grad else None
     if sums is not None:
         db, dw = sums[0], sums[1]
     else:

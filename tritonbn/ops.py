@@ -246,25 +246,41 @@ def _legacy_batched(t: Tensor) -> bool:
     return _is_legacy_batched(t)
 
 
+def _context(training: bool, eps: float, bias, residual, relu: bool, on_kernels) -> tuple:
+    """(training, eps, bias_dtype, relu_from_input, saves_output): what a
+    backward needs besides its saved tensors. on_kernels(): whether the
+    Triton kernels ran the forward, asked only where it matters.
+
+    After a fused ReLU the backward masks grad_out where y was not positive.
+    In training without a residual the Triton kernels recompute that sign
+    from x (read anyway), weight and bias with the forward's own arithmetic:
+    bias is saved and y is not, so the backward reads no more than an
+    unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
+    fallback path, whose rounding may differ) y is saved and read."""
+    relu_from_input = relu and training and residual is None and on_kernels()
+    return training, eps, None if bias is None else bias.dtype, relu_from_input, relu and not relu_from_input
+
+
+def _saved(context: tuple, input, weight, save_mean, save_invstd, y, bias) -> tuple:
+    """The tensors a forward saves for its backward (and forward-mode AD)."""
+    return (input, weight, save_mean, save_invstd, y if context[4] else None, bias if context[3] else None)
+
+
+def _set_context(ctx, context: tuple) -> None:
+    ctx.training, ctx.eps, ctx.bias_dtype, ctx.relu_from_input, _ = context
+
+
 def _save(ctx, input, weight, bias, training: bool, eps: float, residual, relu: bool, output,
           for_forward: bool) -> None:
     """What the backward (and, for_forward, forward-mode AD) needs from a
     forward whose output is (y, save_mean, save_invstd)."""
     y, save_mean, save_invstd = output
-    # After a fused ReLU the backward masks grad_out where y was not positive.
-    # In training without a residual the Triton kernels recompute that sign
-    # from x (read anyway), weight and bias with the forward's own arithmetic:
-    # bias is saved and y is not, so the backward reads no more than an
-    # unfused one. Otherwise (eval, a residual, or torch's batch_norm on the
-    # fallback path, whose rounding may differ) y is saved and read.
-    ctx.relu_from_input = relu and training and residual is None and runs_triton(input)
-    saved = (input, weight, save_mean, save_invstd, y if relu and not ctx.relu_from_input else None,
-             bias if ctx.relu_from_input else None)
+    context = _context(training, eps, bias, residual, relu, lambda: runs_triton(input))
+    saved = _saved(context, input, weight, save_mean, save_invstd, y, bias)
     ctx.save_for_backward(*saved)
     if for_forward:
         ctx.save_for_forward(*saved)
-    ctx.training, ctx.eps = training, eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    _set_context(ctx, context)
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -378,12 +394,9 @@ class PlannedBatchNormFunction(torch.autograd.Function):
         if training:
             mark_updated(running_mean, running_var)
         context = plan.autograd
-        if context is None:  # what _save would keep on ctx: the same for every call of this plan
-            # (the Triton kernels run every planned call: relu_from_input wherever _save would set it)
-            relu_from_input = relu and training and residual is None
-            context = plan.autograd = (training, eps, None if bias is None else bias.dtype, relu_from_input,
-                                       relu and not relu_from_input)
-        saved = (input, weight, save_mean, save_invstd, y if context[4] else None, bias if context[3] else None)
+        if context is None:  # the same for every call of this plan, which the Triton kernels run
+            context = plan.autograd = _context(training, eps, bias, residual, relu, lambda: True)
+        saved = _saved(context, input, weight, save_mean, save_invstd, y, bias)
         ctx.save_for_backward(*saved)
         if forward_ad._current_level >= 0:
             ctx.save_for_forward(*saved)
@@ -391,14 +404,9 @@ class PlannedBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    def _restore(ctx) -> None:
-        """The attributes _save sets, for BatchNormFunction's backward and jvp."""
-        ctx.training, ctx.eps, ctx.bias_dtype, ctx.relu_from_input, _ = ctx.plan.autograd
-
-    @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled() or not _plain_eager(grad_out) or _legacy_batched(grad_out):
-            PlannedBatchNormFunction._restore(ctx)
+            _set_context(ctx, ctx.plan.autograd)  # for BatchNormFunction's code
             return (*BatchNormFunction.backward(ctx, grad_out, None, None), None)
         # BatchNormFunction.backward's plain eager branch, for what a planned
         # forward saved (plain tensors, non-empty, on the Triton kernels)
@@ -410,21 +418,19 @@ class PlannedBatchNormFunction(torch.autograd.Function):
         if plan:
             dx, dw, db, dr = launch.run_backward(plan, grad_out, input, weight, save_mean, save_invstd, y, bias)
         else:
-            PlannedBatchNormFunction._restore(ctx)
-            dx, dw, db, dr = launch.backward(grad_out, input, weight, save_mean, save_invstd, ctx.training,
-                                             (need[0], need[1], need[2]), ctx.bias_dtype, output=y,
-                                             residual_grad=residual_grad, relu_from_input=ctx.relu_from_input,
-                                             bias=bias)
-            if plan is None and link is not None:
-                ctx.plan.backward_plans[link] = _cached_backward_plan(ctx, need, residual_grad, grad_out, input,
-                                                                      weight, save_mean, save_invstd, y, bias)
+            training, _, bias_dtype, relu_from_input, _ = ctx.plan.autograd
+            args = (grad_out, input, weight, save_mean, save_invstd, training, need[:3], bias_dtype)
+            options = dict(output=y, residual_grad=residual_grad, relu_from_input=relu_from_input, bias=bias)
+            dx, dw, db, dr = launch.backward(*args, **options)
+            if plan is None and link is not None:  # the plan that call kept, or False: it keeps none
+                ctx.plan.backward_plans[link] = launch.cached_backward_plan(*args, **options) or False
         if need[9] and y is None:  # without a ReLU the residual's gradient is grad_out itself
             dr = grad_out
         return dx, dw, db, None, None, None, None, None, None, dr, None, None
 
     @staticmethod
     def jvp(ctx, *tangents):
-        PlannedBatchNormFunction._restore(ctx)
+        _set_context(ctx, ctx.plan.autograd)  # for BatchNormFunction's code
         return EagerBatchNormFunction.jvp(ctx, *tangents)[0]
 
 
@@ -435,27 +441,13 @@ def _backward_link(need, grad_out, input, weight, save_mean, save_invstd, y, bia
     and device, its strides are the caller's -- with every pointer 16-byte
     aligned (else None: the full key). The saved tensors' metadata are the
     forward's: autograd refuses one changed in place since (what it does
-    not track, a ``.data`` swap, torch's own backward does not check either)."""
+    not track, a ``.data`` swap, torch's own backward does not check either).
+    A plan stored under it is launch.cached_backward_plan's, or False where
+    backward() keeps none (those take the full path without looking again)."""
     source = plans._source("backward")
-    bits = grad_out.data_ptr() | input.data_ptr() | save_mean.data_ptr() | save_invstd.data_ptr()
-    for t in (weight, y, bias):
-        if t is not None:
-            bits |= t.data_ptr()
-    if source is None or bits & 15:
+    if source is None or plans.alignment(grad_out, input, weight, save_mean, save_invstd, y, bias):
         return None
     return (need, source, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device)
-
-
-def _cached_backward_plan(ctx, need, residual_grad, grad_out, input, weight, save_mean, save_invstd, y, bias):
-    """After a backward through launch.backward: the plan it cached under the
-    full key, kept on the forward's plan for the next backward of a forward
-    with that plan; False where none was cached (grad_out copied to x's
-    layout first): those take the full path without looking again."""
-    key = plans.backward_key(grad_out, input, weight, save_mean, save_invstd, ctx.training,
-                             (need[0], need[1] and weight is not None, need[2] and ctx.bias_dtype is not None),
-                             ctx.bias_dtype, y, residual_grad, ctx.relu_from_input,
-                             bias if ctx.relu_from_input else None)
-    return (key and plans.lookup(key)) or False
 
 
 # autograd's C++ apply, without autograd.Function.apply's Python wrapper
