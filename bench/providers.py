@@ -2,7 +2,8 @@
 
 Providers: tritonbn; eager (torch.nn.functional.batch_norm, cuDNN or native as
 torch chooses); compile (torch.compile of the same function, Inductor,
-specialized to the shape). Modes: forward (training), backward (training,
+specialized to the shape); and, for a regime comparison, tritonbn[REGIME]:
+tritonbn with every timed op in one regime (RegimeTuner). Modes: forward (training), backward (training,
 the backward alone), fwd_bwd, inference, and the fused epilogues forward and
 backward, where eager and compile run the unfused chain and tritonbn runs
 batch_norm_relu: relu_fwd_bwd, relu(batch_norm(x)), and fused_fwd_bwd, the
@@ -10,6 +11,9 @@ ResNet block's tail relu(batch_norm(x) + residual).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
+from tritonbn import autotune, plans
 from tritonbn.autotune.shapes import in_layout
 
 PROVIDERS = ("tritonbn", "eager", "compile")
@@ -54,6 +59,75 @@ class Inputs:
                    torch.randn_like(x))
 
 
+# the ops a mode times (the backward mode's forward runs once, untimed, before)
+TIMED_OPS = {"forward": ("forward",), "backward": ("backward",), "fwd_bwd": ("forward", "backward"),
+             "inference": ("inference",), "relu_fwd_bwd": ("forward", "backward"),
+             "fused_fwd_bwd": ("forward", "backward")}
+# the regimes a mode can be compared in
+MODE_REGIMES = {mode: ("flat", "split") if mode == "inference" else ("resident", "cooperative", "split")
+                for mode in MODES}
+# a notional SM count for the cooperative rows on the interpreter, whose programs run one after
+# another (a group there is never limited by what is resident); an H100 SXM's
+INTERPRETER_SMS = 132
+
+
+class RegimeTuner(autotune.Tuner):
+    """Chooses regime_config(problem, regime) for every problem that regime
+    can run, and what the default policy chooses for any other (only the
+    backward mode's untimed forward can be one: regime_providers checks the
+    timed ops). One instance per regime (regime_tuner): the plan cache keys
+    on the tuner."""
+
+    def __init__(self, regime: str, sms: int | None = None):
+        super().__init__()
+        self.regime, self.sms = regime, sms
+
+    def choose(self, problem, trial):
+        config = autotune.regime_config(problem, self.regime, self.sms)
+        return config if config is not None else super().choose(problem, trial)
+
+
+@functools.lru_cache(maxsize=None)
+def regime_tuner(regime: str, sms: int | None) -> RegimeTuner:
+    return RegimeTuner(regime, sms)
+
+
+def _sms(x: torch.Tensor) -> int | None:
+    return None if x.is_cuda else INTERPRETER_SMS
+
+
+def timed_problems(mode: str, x: torch.Tensor) -> list:
+    view = plans.canonical(x)[1]
+    return [plans.problem(op, view, x) for op in TIMED_OPS[mode]]
+
+
+def regime_providers(mode: str, x: torch.Tensor) -> list[str]:
+    """tritonbn[REGIME] for each regime of the mode that can run every timed op of x."""
+    problems = timed_problems(mode, x)
+    return [f"tritonbn[{regime}]" for regime in MODE_REGIMES[mode]
+            if all(autotune.regime_config(p, regime, _sms(x)) is not None for p in problems)]
+
+
+def regime_of(provider: str, mode: str, x: torch.Tensor) -> str:
+    """The regime(s) a tritonbn row ran, forward/backward where they differ
+    (after the call: the tuner's choice is the one it cached); '' for torch."""
+    if not provider.startswith("tritonbn"):
+        return ""
+    forced = re.fullmatch(r"tritonbn\[(\w+)\]", provider)
+    if forced:
+        return forced.group(1)
+    regimes = [autotune.choose_config(p).regime for p in timed_problems(mode, x)]
+    return "/".join(dict.fromkeys(regimes))
+
+
+def provider_context(provider: str, x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """What a provider's calls run inside: the regime's tuner for tritonbn[REGIME]."""
+    forced = re.fullmatch(r"tritonbn\[(\w+)\]", provider)
+    if forced is None:
+        return contextlib.nullcontext()
+    return autotune.use_tuner(regime_tuner(forced.group(1), _sms(x)))
+
+
 def _batch_norm_fn(provider: str) -> Callable:
     if provider == "tritonbn":
         return tritonbn.batch_norm
@@ -85,7 +159,21 @@ def _epilogue_fn(provider: str) -> Callable:
 def make_call(provider: str, mode: str, inputs: Inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
     """A no-argument callable running `mode` once; it returns the outputs that
     the correctness check compares: (y,) or (y, dx, dweight, dbias) / (dx, dweight, dbias)
-    (relu_fwd_bwd too), and (y, dx, dweight, dbias, dresidual) for fused_fwd_bwd."""
+    (relu_fwd_bwd too), and (y, dx, dweight, dbias, dresidual) for fused_fwd_bwd.
+    tritonbn[REGIME] builds and runs inside its RegimeTuner."""
+    context = provider_context(provider, inputs.x)
+    with context:
+        call = _make_call(provider.split("[")[0], mode, inputs)
+    if isinstance(context, contextlib.nullcontext):
+        return call
+
+    def in_regime():
+        with provider_context(provider, inputs.x):
+            return call()
+    return in_regime
+
+
+def _make_call(provider: str, mode: str, inputs: Inputs) -> Callable[[], tuple[torch.Tensor, ...]]:
     i = inputs
     # running stats are copies: timing repeats must not drift the inputs of the check
     running = i.running_mean.clone(), i.running_var.clone()

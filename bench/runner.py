@@ -29,7 +29,7 @@ import torch
 import triton
 
 from . import providers
-from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call
+from .providers import MODES, PASSES, PROVIDERS, Inputs, make_call, regime_of, regime_providers
 from tritonbn.autotune.shapes import DTYPES, LAYOUTS, SUITES, layouts_for, select_shapes
 
 try:
@@ -40,7 +40,7 @@ except ImportError as error:  # not a dependency of tritonbn itself: the bench e
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ["timestamp", "device", "gpu_run", "torch", "triton", "commit", "autotune", "mode", "shape",
-          "dtype", "layout", "provider", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
+          "dtype", "layout", "provider", "regime", "median_ms", "gbps", "copy_gbps", "frac_copy", "max_error",
           "correct", "speedup_vs_eager", "speedup_vs_compile", "note"]
 # max |out - ref| / max(1, max |ref|) allowed, per dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -116,11 +116,15 @@ def device_name() -> str:
 UNTIMED = "correct; not timed (interpreter: --interpreter-timings)"
 
 
-def bench_group(mode, shape, dtype_name, layout, provider_names, device, context, timed=True) -> list[dict]:
+def bench_group(mode, shape, dtype_name, layout, provider_names, device, context, timed=True,
+                regimes=False) -> list[dict]:
     """All providers of one (mode, shape, dtype, layout): check, then time
-    (unless not ``timed``: then the timing columns stay NaN)."""
+    (unless not ``timed``: then the timing columns stay NaN). regimes: also
+    tritonbn in each regime that can run the shape (tritonbn[REGIME])."""
     dtype = DTYPES[dtype_name]
     inputs = Inputs.make(shape, dtype, layout == "channels_last", device)
+    if regimes:
+        provider_names = [*provider_names, *regime_providers(mode, inputs.x)]
     references = None if mode in providers.EPILOGUES else reference_outputs(mode, inputs)
     tensor_bytes = inputs.x.numel() * inputs.x.element_size()
     copy_gbps = math.nan
@@ -130,11 +134,12 @@ def bench_group(mode, shape, dtype_name, layout, provider_names, device, context
     rows = []
     for provider in provider_names:
         row = dict(context, mode=mode, shape="x".join(map(str, shape)), dtype=dtype_name, layout=layout,
-                   provider=provider, copy_gbps=copy_gbps, median_ms=math.nan, gbps=math.nan,
+                   provider=provider, regime="", copy_gbps=copy_gbps, median_ms=math.nan, gbps=math.nan,
                    frac_copy=math.nan, max_error=math.nan, correct=False, note="")
         try:
             call = make_call(provider, mode, inputs)
             outputs = call()
+            row["regime"] = regime_of(provider, mode, inputs.x)
             row["max_error"] = max_error(outputs, references or reference_outputs(mode, inputs, outputs))
             row["correct"] = row["max_error"] <= TOLERANCE[dtype]
             if row["correct"] and not timed:
@@ -171,6 +176,8 @@ def summarize(df: pd.DataFrame) -> str:
     timed = df[df.correct & df.median_ms.notna()]
     if not timed.empty:
         lines += _speed_summary(timed)
+        if timed.provider.str.startswith("tritonbn[").any():
+            lines += _regime_summary(timed)
     wrong = df[~df.correct]
     lines.append(f"{len(df)} rows, {len(wrong)} not correct or failed"
                  + ("" if wrong.empty else ":\n" + wrong[["mode", "shape", "dtype", "layout", "provider",
@@ -188,6 +195,22 @@ def _speed_summary(df: pd.DataFrame) -> list[str]:
         lines += [f"geometric-mean speedup of tritonbn{caveat}:", geomean.round(3).to_string(), ""]
     bandwidth = df.pivot_table(index="mode", columns="provider", values="frac_copy", aggfunc="median")
     return lines + [f"median fraction of copy bandwidth{caveat}:", bandwidth.round(3).to_string(), ""]
+
+
+def _regime_summary(df: pd.DataFrame) -> list[str]:
+    """Per shape: milliseconds in each regime, the regime tritonbn picks, the
+    fastest, and the pick's time over the fastest's (1.0: the pick is right)."""
+    ours = df[df.provider.str.startswith("tritonbn")]
+    index = ["mode", "shape", "dtype", "layout"]
+    table = ours.pivot_table(index=index, columns="provider", values="median_ms", aggfunc="min")
+    forced = [c for c in table.columns if c.startswith("tritonbn[")]
+    picks = ours[ours.provider == "tritonbn"].set_index(index)["regime"]
+    table["pick"] = picks.reindex(table.index)
+    table["fastest"] = table[forced].idxmin(axis=1).str.slice(9, -1)
+    table["pick_over_fastest"] = table["tritonbn"] / table[forced].min(axis=1)
+    caveat = "" if df.gpu_run.all() else " (Triton interpreter wall-clock, NOT GPU speed)"
+    return [f"milliseconds per regime, tritonbn's pick and the fastest{caveat}:",
+            table.round(4).to_string(), ""]
 
 
 def parse_args(argv=None):
@@ -209,6 +232,9 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / ("results" if gpu else "out"),
                         help="folder of the CSV (default bench/results on a GPU, bench/out otherwise)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--regimes", action="store_true",
+                        help="also time tritonbn in every regime that can run each shape (resident, "
+                             "cooperative, split; flat and split for inference): providers tritonbn[REGIME]")
     parser.add_argument("--host", action="store_true",
                         help="per-call host time of tritonbn against torch on tiny tensors (bench/host.py); "
                              "without a GPU the kernel launches are stubbed out")
@@ -224,6 +250,21 @@ def parse_args(argv=None):
         if gpu:
             args.suite = ["quick"]
     return args
+
+
+def append_csv(path: Path, df: pd.DataFrame) -> None:
+    """Append rows to a long-format CSV; a file written with other columns is
+    rewritten in these first (columns it lacks stay empty)."""
+    if path.exists():
+        with path.open() as f:
+            header = f.readline().rstrip("\n").split(",")
+        if header != list(df.columns):
+            old = pd.read_csv(path)
+            pd.concat([old, df], ignore_index=True).reindex(
+                columns=list(df.columns) + [c for c in old.columns if c not in df.columns]).to_csv(
+                path, index=False)
+            return
+    df.to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 def _csv_path(folder: Path, suffix: str = "") -> Path:
@@ -283,9 +324,9 @@ def run(argv=None) -> pd.DataFrame:
     with tqdm(groups, desc="bench", unit="group") as bar:
         for mode, shape, dtype, layout in bar:
             bar.set_postfix_str(f"{mode} {'x'.join(map(str, shape))} {dtype} {layout}")
-            new = bench_group(mode, shape, dtype, layout, args.providers, device, context, timed)
-            pd.DataFrame(new, columns=SCHEMA).to_csv(csv_path, mode="a", header=not csv_path.exists(),
-                                                     index=False)
+            new = bench_group(mode, shape, dtype, layout, args.providers, device, context, timed,
+                              args.regimes)
+            append_csv(csv_path, pd.DataFrame(new, columns=SCHEMA))
             rows += new
     df = pd.DataFrame(rows, columns=SCHEMA)
     print(summarize(df))

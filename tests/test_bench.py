@@ -114,3 +114,56 @@ def test_host_time_rows(tmp_path):
         assert saved.launch_path.iloc[0].startswith("stand-in driver: Triton's dispatch and C launcher")
     assert len(df) == len(saved)
     assert (launcher.enabled, launcher.Launch.__call__) == before
+
+
+def test_regime_rows_run_the_regime_they_name(tmp_path, monkeypatch):
+    """--regimes: a row per regime the shape can run, each correct, its plans
+    built in that regime (a cooperative group of 4 forward programs, 12
+    backward ones, on the interpreter's notional SM count), and tritonbn's own
+    row carries the regime the heuristic picked."""
+    from tritonbn import plans
+    built = []
+    for name in ("forward_plan", "backward_plan"):
+        original = getattr(plans, name)
+
+        def spy(*args, original=original, **kwargs):
+            plan = original(*args, **kwargs)
+            built.append(plan.regime)
+            return plan
+        monkeypatch.setattr(plans, name, spy)
+    plans.clear()
+    runner.run(["--shape", "4,2,64,72", "--dtypes", "fp16", "--layouts", "channels_last", "--modes",
+                "forward", "backward", "inference", "--providers", "tritonbn", "--regimes", "--out",
+                str(tmp_path), "--no-plot"])
+    df = pd.read_csv(next(tmp_path.glob("*.csv")))
+    assert df.correct.all(), df[~df.correct]
+    rows = {(r.mode, r.provider): r.regime for r in df.itertuples()}
+    for mode in ("forward", "backward"):
+        for regime in ("resident", "cooperative", "split"):
+            assert rows[mode, f"tritonbn[{regime}]"] == regime
+    for regime in ("flat", "split"):
+        assert rows["inference", f"tritonbn[{regime}]"] == regime
+    assert not any(p.startswith("tritonbn[") and p[9:-1] not in ("flat", "split") for m, p in rows
+                   if m == "inference")
+    assert {"resident", "cooperative", "split"} <= set(built)
+    if not GPU:  # the interpreter's heuristic: one resident program per channel block
+        assert rows["forward", "tritonbn"] == rows["backward", "tritonbn"] == "resident"
+        assert rows["inference", "tritonbn"] == "flat"
+
+
+def test_regime_config_is_none_where_the_regime_cannot_run():
+    from tritonbn.autotune import Problem, regime_config
+    cpu = torch.device("cpu")
+    big = Problem("forward", 256, 64, 56 * 56, False, torch.float32, cpu)
+    assert regime_config(big, "resident") is None  # past the interpreter's resident tile
+    assert regime_config(big, "cooperative", sms=132) is None  # a slab past FIT_BYTES
+    assert regime_config(big, "split").regime == "split"
+    assert regime_config(big, "flat") is None
+    small = Problem("backward", 4, 2, 64 * 72, True, torch.float16, cpu)
+    assert regime_config(small, "cooperative") is None  # 12 programs, more than the interpreter's 1 SM
+    group = regime_config(small, "cooperative", sms=12)  # 4 x 3 tiles of 2 x 2048 values
+    assert group.regime == "cooperative" and (group.split_n, group.split_s, group.block_s) == (4, 3, 2048)
+    assert regime_config(small, "cooperative", sms=11) is None
+    inference = Problem("inference", 4, 2, 64 * 72, True, torch.float16, cpu)
+    assert [regime_config(inference, r) and regime_config(inference, r).regime
+            for r in ("resident", "cooperative", "split", "flat")] == [None, None, "split", "flat"]

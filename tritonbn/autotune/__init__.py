@@ -11,11 +11,11 @@ import contextvars
 from typing import Iterator
 
 from .cache import Cache
-from .config import LaunchConfig, Problem, candidates, heuristic
+from .config import LaunchConfig, Problem, candidates, heuristic, regime_config
 from .tuner import Trial, Tuner
 
 __all__ = ["Cache", "LaunchConfig", "Problem", "Tuner", "candidates", "choose_config", "forced_configs",
-           "get_tuner", "heuristic", "override", "use_tuner"]
+           "get_tuner", "heuristic", "override", "regime_config", "use_tuner"]
 
 _forced: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tritonbn_forced_configs",
                                                                      default=None)

@@ -381,6 +381,26 @@ def heuristic(problem: Problem, allow_resident: bool = True, allow_flat: bool = 
     return _split(problem, TILE, target_programs=PROGRAMS_PER_SM * sms)
 
 
+def regime_config(problem: Problem, regime: str, sms: int | None = None) -> LaunchConfig | None:
+    """The heuristic's config of one regime for the problem, None where that
+    regime cannot run it (no resident regime for a slab past the register
+    budget, no cooperative one past FIT_BYTES or past `sms` programs per
+    group): the configs a regime comparison sets side by side. sms: the SM
+    count a cooperative group must fit in (default: the device's; on the
+    interpreter, whose programs run one after another, any)."""
+    sms = sms or _sm_count(problem.device.type, problem.device.index)
+    cuda = problem.device.type == "cuda"
+    if problem.op == "inference":
+        if regime == "flat":
+            return _flat(problem, FLAT_TILE if cuda else INTERPRETER_TILE, sms)
+        return heuristic(problem, allow_flat=False) if regime == "split" else None
+    if regime == "resident":
+        return _resident(problem, _resident_limit(problem) if cuda else INTERPRETER_RESIDENT_LIMIT)
+    if regime == "cooperative":
+        return _cooperative(problem, _cooperative_limit(problem), sms) if slab_fits(problem) else None
+    return heuristic(problem, allow_resident=False) if regime == "split" else None
+
+
 def _fits(config: LaunchConfig, problem: Problem) -> bool:
     """Whether one program of this config stays within the device's limits:
     at most 1024 threads per block, and a tile share per thread that fits in
