@@ -2,6 +2,7 @@
 
     python -m tritonbn.autotune --suite resnet50 mlp video --dtypes fp32 fp16 bf16
     python -m tritonbn.autotune --shape 32,64,56,56 --layouts channels_last
+    python -m tritonbn.autotune --suite resnet50 --batches 32 --dtypes bf16   # one batch size
     python -m tritonbn.autotune --output autotune_cache/$(gpu).json   # entries to ship
     python -m tritonbn.autotune --list
 
@@ -21,7 +22,7 @@ import torch
 
 from .. import launch
 from . import Cache, Tuner, use_tuner
-from .shapes import DTYPES, LAYOUTS, SUITES, in_layout, layouts_for, select_shapes
+from .shapes import DTYPES, LAYOUTS, RESNET50_BATCHES, SUITES, in_layout, layouts_for, select_shapes
 from .tuner import device_context
 
 OPS = ("forward", "backward", "inference")
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--list", action="store_true", help="print the cache (shipped and user entries)")
     parser.add_argument("--suite", nargs="+", choices=SUITES, default=["resnet50", "mlp", "video"])
     parser.add_argument("--shape", action="append", help="an explicit shape, e.g. 32,64,56,56 (repeatable)")
+    parser.add_argument("--batches", type=lambda s: tuple(int(v) for v in s.split(",")), default=RESNET50_BATCHES,
+                        help="batch sizes of the resnet50 suite, e.g. 32,256")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
                             device_context("cuda", None) if torch.cuda.is_available() else None)
         print("the cache is empty" if table.empty else table.to_string(index=False))
         return 0
-    work = [(op, shape, dtype, layout) for shape in select_shapes(args.shape, args.suite)
+    work = [(op, shape, dtype, layout) for shape in select_shapes(args.shape, args.suite, args.batches)
             for dtype in args.dtypes for layout in layouts_for(shape, args.layouts) for op in args.ops]
     if args.dry_run:
         for op, shape, dtype, layout in work:
