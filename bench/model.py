@@ -211,16 +211,24 @@ def run_config(base_fn: Callable[[], nn.Module], batch: int, image: int, num_cla
     x = torch.randn(batch, 3, image, image, device=device).to(memory_format=fmt)
     target = torch.randint(0, num_classes, (batch,), device=device)
     names = ["torch", *(p for p in provider_names if p != "torch")]
-    models = {p: build(p, base) for p in names}
-    errors = check(models, base, x, target, dtype, check_steps)
+    failure = ""
+    try:
+        models = {p: build(p, base) for p in names}
+        errors = check(models, base, x, target, dtype, check_steps)
+    except Exception as error:  # out of memory, a compile error: this config's rows say so, the next run
+        failure = f"check failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        models, errors = {}, {p: dict.fromkeys(ERRORS, math.nan) for p in names}
     rows = []
     for provider in names:
         for graphed in ((False, True) if graphs and GPU and provider != "compile" else (False,)):
             row = dict(context, model=base.__class__.__name__, batch=batch, image=image, dtype=dtype_name,
                        layout=layout, provider=provider, graphed=graphed, ms_per_step=math.nan,
                        **errors[provider], note="")
-            row["correct"] = provider == "identity" or within(errors[provider], errors["torch"], dtype)
-            if not row["correct"]:
+            row["correct"] = not failure and (provider == "identity" or
+                                              within(errors[provider], errors["torch"], dtype))
+            if failure:
+                row["note"] = failure
+            elif not row["correct"]:
                 row["note"] = "further from the float64 step than torch's: not timed"
             elif not GPU:
                 row["note"] = "checked; not timed (interpreter)"
@@ -332,18 +340,21 @@ def run(argv=None) -> pd.DataFrame:
           + (f"real GPU run on {device_name()}" if GPU else
              "NO GPU - tritonbn's kernels on the Triton interpreter: steps are checked against torch's, "
              "not timed"), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = _csv_path(args.out, "-model")
     rows = []
     for batch in args.batches:
         for dtype in args.dtypes:
             for layout in args.layouts:
                 print(f"  batch {batch} {dtype} {layout} ...", flush=True)
-                rows += run_config(base_fn, batch, image, classes, dtype, layout, args.providers,
-                                   not args.no_graphs, args.check_steps, args.steps, device, context)
+                new = run_config(base_fn, batch, image, classes, dtype, layout, args.providers,
+                                 not args.no_graphs, args.check_steps, args.steps, device, context)
+                append_csv(csv_path, pd.DataFrame(new, columns=SCHEMA))  # a run cut off keeps these
+                rows += new
+                if GPU:
+                    torch.cuda.empty_cache()
     df = pd.DataFrame(rows, columns=SCHEMA)
     print(summarize(df))
-    args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = _csv_path(args.out, "-model")
-    append_csv(csv_path, df)
     print(f"rows appended to {csv_path}")
     if GPU and not args.no_plot:
         try:

@@ -1,7 +1,9 @@
 """bench/gpu_check.sh's answers (bench/gpu_summary.py) from rows of known
 times, and the script's refusal to run its GPU steps without a GPU. The
 script's every step runs in CI as ``bash bench/gpu_check.sh --smoke``."""
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -57,3 +59,24 @@ def test_without_a_gpu_the_script_refuses_and_names_the_smoke_run():
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "--smoke" in done.stderr
+
+
+def test_compile_count_sees_resnet50s_batch_norm_calls_and_their_epilogues():
+    """bench.compiles, which sizes the script's budget: the 53 BatchNorm calls
+    of a ResNet-50 step with the epilogue fuse_epilogues gives each, and the
+    distinct kernel variants they launch (recorded with the interpreter off,
+    in a subprocess, as bench.traffic records them)."""
+    from bench import compiles
+    calls = compiles.resnet50_bn_calls(32)
+    assert len(calls) == 53 and calls[0] == ("bn1", (32, 64, 112, 112))
+    kinds = [compiles._epilogue(name) for name, _ in calls]
+    assert (kinds.count("_relu"), kinds.count("_add_relu"), kinds.count("")) == (33, 16, 4)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    code = ("from bench import compiles; found = compiles.variants(compiles.model_items((32,)));"
+            "print(len(found), sorted({key[0] for key in found}))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    count, names = done.stdout.split(" ", 1)
+    assert int(count) >= 10 and all(k in names for k in ("bn_fwd_", "bn_bwd_", "coop")), done.stdout
