@@ -27,7 +27,7 @@ from tritonbn.autotune.shapes import in_layout
 PROVIDERS = ("tritonbn", "eager", "compile")
 MODES = ("forward", "backward", "fwd_bwd", "inference", "relu_fwd_bwd", "fused_fwd_bwd")
 EPILOGUES = {"relu_fwd_bwd": False, "fused_fwd_bwd": True}  # mode: with a residual
-# tensor-sized passes of the minimal-bytes model (DESIGN.md), the same for every provider;
+# tensor-sized passes of the minimal-bytes model (docs/performance.md), the same for every provider;
 # relu_fwd_bwd: those of fwd_bwd (the ReLU mask is recomputed from x);
 # fused_fwd_bwd: forward 4 (x twice, residual, y), backward 7 (x and dy twice, y once
 # for the ReLU mask, dx, dresidual)

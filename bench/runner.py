@@ -3,7 +3,7 @@ time it, and append the rows to a long-format CSV.
 
 Timing on a GPU: triton.testing.do_bench, median of CUDA-event timings after
 warm-up, with the L2 cache flushed before every repetition so small shapes are
-not flattered. Bandwidth: the minimal-bytes model of DESIGN.md (PASSES tensor
+not flattered. Bandwidth: the minimal-bytes model (docs/performance.md; PASSES tensor
 passes per mode, the same for every provider) over the median time, and as a
 fraction of a device-to-device copy of the same tensor timed in the same run.
 Without a GPU the kernels run on the Triton interpreter, and the run checks

@@ -29,11 +29,11 @@ launch gives:
 
 A row (one per shape, dtype, layout, op; --csv writes them) compares the
 bytes with the minimum (1 read + 1 write of each tensor) and with the
-practical minimum of its regime (DESIGN.md: x, and dy in the backward, read
+practical minimum of its regime (docs/design.md: x, and dy in the backward, read
 twice where one channel's slab exceeds 192 KB), takes the worst figures of
 its kernels, models the time as bytes / bandwidth at H100 (3.35 TB/s) and
 H200 (4.8 TB/s) speeds beside the same for the minimal bytes, and lists the
-targets of issue 13 it misses (bytes, spills, loads, waves).
+targets it misses (bytes, spills, loads, waves: docs/performance.md).
 
 Limits: the time model has no launch latency, tail effect, L2 reuse or
 instruction cost; occupancy counts registers, threads and shared memory
@@ -468,7 +468,7 @@ def kernel_row(launch: Launch, compiled: dict | None, sms: int) -> dict:
     return row
 
 
-# grid shapes, worst last: what the waves target of issue 13 accepts, then not
+# grid shapes, worst last: what the waves target accepts, then not
 GRID_SHAPES = ("waves", "one wave", "persistent", "tail", "short")
 PERSISTENT = {"bn_fwd_coop_kernel", "bn_bwd_coop_kernel"}  # one program per SM by design
 
@@ -529,7 +529,7 @@ def _worst(data: list[dict], compiled: bool) -> dict:
 
 
 def _misses(row: dict, x: torch.Tensor, compiled: bool) -> list[str]:
-    """The targets of issue 13 this row misses (loads: where alignment permits)."""
+    """The targets this row misses (loads: where alignment permits)."""
     misses = []
     if row["ratio_practical"] > 1.05:
         misses.append("bytes")

@@ -319,7 +319,7 @@ def test_module_db_errors(device, name):
             assert torch.equal(running[OURS[name]][key], value), f"{key} written before the error"
 
 
-# ---------------------------------------------------------------- what PyTorch's data found (issue 14)
+# ---------------------------------------------------------------- what PyTorch's data found
 
 @pytest.mark.parametrize("training", [True, False])
 def test_one_dimensional_empty_input(device, training):

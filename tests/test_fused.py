@@ -1,6 +1,6 @@
 """tritonbn.batch_norm_relu: relu(batch_norm(x) + residual) in one pass, against
 the float64 reference with torch's unfused chain (F.batch_norm, +, relu, in the
-input dtype) as the error yardstick; both regimes, layouts, dtypes, autograd to
+input dtype) as the error yardstick; the three regimes, layouts, dtypes, autograd to
 second order, torch.func, torch.compile and the errors."""
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """torch.autograd.gradcheck in float64: training and eval, affine and not,
-2-D to 5-D, both layouts, both kernel regimes."""
+2-D to 5-D, both layouts, the three kernel regimes (resident, cooperative, split)."""
 import pytest
 import torch
 

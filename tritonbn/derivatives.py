@@ -2,7 +2,7 @@
 kernels do not compute: the double backward (create_graph=True, gradient
 penalties), torch.func transforms and forward-mode AD. Computed in the
 statistics dtype (float32, or float64 for float64 input), with the names of
-DESIGN.md.
+docs/design.md.
 """
 from __future__ import annotations
 

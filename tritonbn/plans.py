@@ -178,7 +178,7 @@ def cooperative_grid(view: View, cfg: LaunchConfig, device: torch.device) -> tup
     """(programs per channel block, groups) of the cooperative regime's grid: a
     persistent grid of at most one program per SM, so that every program of a
     group is resident while the others wait for it (kernels/common.py: arrive,
-    wait_flag); each group takes channel blocks in turn."""
+    wait_or_hand_over); each group takes channel blocks in turn."""
     sms = autotune.config._sm_count(device.type, device.index)
     group = cfg.split_n * cfg.split_s
     if device.type == "cuda" and group > sms:

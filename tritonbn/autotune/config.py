@@ -303,8 +303,8 @@ FLAT_REGISTERS = 64
 FLAT_ROW = {"channel_inner": 64, "channel_strided": 1024}
 # Most of a program's traffic its per-channel vectors (running mean and var,
 # weight, bias: 16 bytes a channel) may be; it sets the fewest rows a program
-# streams (issue 13's target: 1.05 x the minimal bytes, the saved statistics
-# included), so that small tensors are not spread thinner than that.
+# streams (bench.traffic's bytes target: 1.05 x the minimal bytes, the saved
+# statistics included), so that small tensors are not spread thinner than that.
 FLAT_PARAMETER_SHARE = 0.045
 
 

@@ -1,5 +1,5 @@
 """Reference shape sets, (N, C, *spatial): what the benchmark measures and
-`python -m tritonbn.autotune` pre-tunes (the reference shapes of DESIGN.md),
+`python -m tritonbn.autotune` pre-tunes (ResNet-50's BatchNorm layers, MLP and video shapes),
 and the dtype / layout vocabulary the command-line tools share."""
 from __future__ import annotations
 
