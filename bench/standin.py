@@ -46,6 +46,7 @@ class Recorder:
 
     def __init__(self):
         self.launches: list[tuple] = []
+        self.devices: list[int] = []  # the device current at each recorded launch
         self.names: dict[int, str] = {}
         self.on = False
 
@@ -60,6 +61,7 @@ class Recorder:
     def record(self, kernel, grid, stream, function, packed_metadata, launch_metadata, enter_hook,
                exit_hook, args):
         if self.on:
+            self.devices.append(_current_device())
             self.launches.append((kernel.name, kernel, grid, stream, function, packed_metadata,
                                   tuple(self.describe(a) for a in args)))
 
@@ -69,6 +71,7 @@ class Recorder:
         launch-hook chain as None (the launcher calls neither: a direct launch
         passes None)."""
         if self.on:
+            self.devices.append(_current_device())
             self.launches.append((kernel.name, kernel, tuple(
                 tuple(self.describe(a) for a in arg) if isinstance(arg, tuple) else self.describe(arg)
                 for arg in args)))
@@ -76,6 +79,11 @@ class Recorder:
     def take(self) -> list[tuple]:
         out, self.launches = self.launches, []
         return out
+
+
+def _current_device() -> int:
+    import triton
+    return triton.runtime.driver.active.get_current_device()
 
 
 class StubKernel:
@@ -128,12 +136,13 @@ class StandInDriver:
     def __init__(self):
         from triton.backends.compiler import GPUTarget
         self.target = GPUTarget(*TARGET)
+        self.device = 0  # the current device: a test may make another current, as torch.cuda.set_device
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def set_current_device(self, device):
-        pass
+        self.device = device
 
     def get_current_stream(self, device=None):
         return 0

@@ -201,6 +201,24 @@ def main(out_file: str, quick: bool) -> None:
         DISPATCHES = 0
         calls_base["forward"]()
         report["dispatches_without_hook"] = DISPATCHES
+        # Another device current than the tensors' (device 0 under the stand-in, as
+        # with several GPUs in one process and no torch.cuda.set_device): every
+        # launch, the JIT's first and the direct ones after, runs with the
+        # tensors' device current, and the caller's is current again after it.
+        driver = triton.runtime.driver.active
+        calls_other, _ = case_calls(tensors((32, 96, 10, 10), torch.bfloat16, "channels_last"))
+        RECORDER.devices.clear()
+        RECORDER.on = True
+        driver.set_current_device(1)
+        report["current_after"] = []
+        for _ in range(3):
+            for label in ("forward", "backward", "inference"):
+                calls_other[label]()
+                report["current_after"].append(driver.get_current_device())
+        RECORDER.on = False
+        driver.set_current_device(0)
+        report["launch_devices"] = list(RECORDER.devices)
+        RECORDER.take()
     report["variants"] = sorted(report["variants"])
     report["triton"] = triton.__version__
     report["direct_enabled"] = launcher.enabled

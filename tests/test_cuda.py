@@ -153,3 +153,38 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
     for _ in range(3):
         for a, b in zip(run(), expected):
             assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (256, 256, 14, 14)], ids=str)  # resident, cooperative
+def test_tensors_on_another_device_than_the_current_one(shape):
+    """x on cuda:1 while cuda:0 is current (no torch.cuda.set_device): the
+    forward and backward run on cuda:1, match the same call made with cuda:1
+    current, and leave cuda:0 current."""
+    torch.cuda.set_device(0)
+    x = torch.randn(shape, device="cuda:1", dtype=torch.bfloat16)
+    weight, bias = torch.randn(shape[1], device="cuda:1"), torch.randn(shape[1], device="cuda:1")
+    grad_out = torch.randn_like(x)
+    results = []
+    for current in (0, 1, 0):  # twice from cuda:0: the first call and a planned, direct one
+        torch.cuda.set_device(current)
+        leaf = x.clone().requires_grad_()
+        rm, rv = torch.zeros(shape[1], device="cuda:1"), torch.ones(shape[1], device="cuda:1")
+        y = tritonbn.batch_norm(leaf, rm, rv, weight, bias, True, 0.1, 1e-5)
+        y.backward(grad_out)
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == current
+        results.append((y, leaf.grad, rm, rv))
+    torch.cuda.set_device(0)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)  # bitwise: same kernels, same device
+    y, dx, rm, rv = results[0]
+    assert y.device == dx.device == torch.device("cuda", 1)
+    y_ref, rm_ref, rv_ref = reference_batch_norm(x, torch.zeros_like(rm), torch.ones_like(rv), weight, bias,
+                                                 True, 0.1, 1e-5)
+    with torch.cuda.device(1):
+        theirs = F.batch_norm(x, torch.zeros_like(rm), torch.ones_like(rv), weight, bias, True, 0.1, 1e-5)
+    assert_matches_reference("y", y, theirs, y_ref, x.dtype)
+    torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-5, atol=1e-6)

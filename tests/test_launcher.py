@@ -50,6 +50,15 @@ def test_direct_launches_pass_what_triton_passes(report):
     assert any("bn_fwd_resident_kernel" in v for v in report["variants"])
 
 
+def test_every_launch_runs_on_the_tensors_device(report):
+    """With another device current (1) than the tensors' (0): the first
+    launches (Triton's JIT) and the direct ones after all see the tensors'
+    device current, and the caller's device is current again after each call."""
+    assert len(report["launch_devices"]) >= 9, report["launch_devices"]
+    assert set(report["launch_devices"]) == {0}
+    assert report["current_after"] == [1] * 9
+
+
 def test_direct_launches_call_tritons_c_launcher(report):
     """Where a C compiler builds the stand-in libcuda, Triton's own compiled
     CUDA launcher runs every launch (its argument parsing included; the

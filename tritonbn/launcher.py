@@ -17,8 +17,12 @@ argument for argument (tests/test_launcher.py checks it for every kernel
 variant the reference shapes launch), except that the launch-hook slots are
 None where Triton's hook chains are empty: the launcher then calls nothing,
 as it does for an empty chain. A launch goes back through the JIT whenever
-that could differ: a launch hook or a pre-run hook is set, or the current
-device is not the one the kernel was found for.
+that could differ: a launch hook or a pre-run hook is set.
+
+Every launch runs on its tensors' device: where another device is current
+(several GPUs in one process, no ``torch.cuda.set_device``), that device is
+made current for the launch and restored after it; the common case, the
+tensors' device current, only compares two integers.
 
 The launcher's signature is the same in every Triton this supports
 (``SUPPORTED``); under another version, under the interpreter, or with
@@ -28,6 +32,7 @@ The launcher's signature is the same in every Triton this supports
 from __future__ import annotations
 
 import os
+import sys
 
 import triton
 
@@ -82,7 +87,10 @@ class Launch:
                 and _RUNTIME.launch_enter_hook is _HOOKS[0] and _RUNTIME.launch_exit_hook is _HOOKS[1]
                 and not _HOOKS[0].calls and not _HOOKS[1].calls):  # Triton's launch hooks: its empty chains
             run, function, packed, tail, device, (g0, g1, g2), driver, entry = direct
-            if driver.get_current_device() == device:
+            current = driver.get_current_device()
+            if current != device:  # the tensors' device, current for this launch only
+                driver.set_current_device(device)
+            try:
                 stream = driver.get_current_stream(device)
                 if entry is None:
                     run(g0, g1, g2, stream, function, packed, None, None, None, *tensors, *tail)
@@ -94,10 +102,37 @@ class Launch:
                     _, launch_c, cooperative, pdl = entry
                     launch_c(g0, g1, g2, stream, function, cooperative, pdl, None, None, packed, None, None, None,
                              *tensors, *tail)
-                return
-        compiled = kernel[self.grid](*tensors, **self.kwargs)
-        if enabled and kernel is not self.kernel and compiled is not None:
-            self.kernel, self.direct = kernel, _prepare(kernel, compiled, self.grid, len(tensors), self.kwargs)
+            finally:
+                if current != device:
+                    driver.set_current_device(current)
+            return
+        device = None if kernels.INTERPRETED else _device_of(tensors)
+        if device is None:  # the interpreter; meta tensors (a recording tool): no device to launch on
+            kernel[self.grid](*tensors, **self.kwargs)
+            return
+        driver = triton.runtime.driver.active
+        current = driver.get_current_device()
+        if current != device:  # Triton launches on the current device: make it the tensors'
+            driver.set_current_device(device)
+        try:
+            compiled = kernel[self.grid](*tensors, **self.kwargs)
+            if enabled and kernel is not self.kernel and compiled is not None:
+                self.kernel, self.direct = kernel, _prepare(kernel, compiled, self.grid, len(tensors),
+                                                            self.kwargs)
+        finally:
+            if current != device:
+                driver.set_current_device(current)
+
+
+def _device_of(tensors) -> int | None:
+    """The index of the CUDA device the launch's tensors are on; for CPU
+    tensors, which reach here only under bench/standin.py's stand-in driver,
+    its device 0; None for tensors on no device (meta)."""
+    t = next(t for t in tensors if t is not None)
+    if t.is_cuda:
+        return t.get_device()
+    # the module, not the tritonbn.backend function of the same name
+    return 0 if t.device.type == "cpu" and sys.modules["tritonbn.backend"]._standin else None
 
 
 def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
@@ -147,16 +182,18 @@ def _c_entry(run):
 
 
 class _CurrentDevice:
-    """The driver's get_current_device and get_current_stream, with torch's
-    C function for the first where the driver's is torch.cuda.current_device
-    (whose Python wrapper initializes CUDA: done before any launch)."""
+    """The driver's get_current_device, set_current_device and
+    get_current_stream, with torch's C function for the first where the
+    driver's is torch.cuda.current_device (whose Python wrapper initializes
+    CUDA: done before any launch)."""
 
-    __slots__ = ("get_current_device", "get_current_stream")
+    __slots__ = ("get_current_device", "set_current_device", "get_current_stream")
 
     def __init__(self, driver):
         import torch
         device = driver.get_current_device
         self.get_current_device = torch._C._cuda_getDevice if device is torch.cuda.current_device else device
+        self.set_current_device = driver.set_current_device
         self.get_current_stream = driver.get_current_stream
 
 
