@@ -2,6 +2,7 @@
 injected, so what is tested is the choice, the caching and the safety, not
 the speed."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import tritonbn
 from tritonbn import launch, plans
 from tritonbn.autotune import Cache, LaunchConfig, Problem, Tuner, candidates, heuristic, override, use_tuner
+from tritonbn.autotune import tuner as tuner_module
 from tritonbn.autotune.tuner import ENV_AUTOTUNE, device_context, problem_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,6 +152,54 @@ def test_disagreeing_candidate_is_rejected(device, tmp_path):
     tuner = Tuner(Cache(tmp_path / "a.json", shipped=False), timer=FakeTimer(space))
     best, entry = tuner.tune(problem, trial)
     assert best == space[-2] and entry["rejected"] == 1
+
+
+def test_a_wrong_heuristic_config_is_rejected_and_logged_once(device, tmp_path, caplog):
+    """The reference is the split regime's result, not the heuristic's: a
+    heuristic config giving a wrong result is rejected like any other, with
+    one warning naming it and the difference, however often it is tuned."""
+    x = _x(device)
+    problem = _problem("forward", x)
+    space = candidates(problem)
+    assert space[0] != tuner_module.reference_config(problem)  # here the heuristic is not the reference
+
+    def trial(config):
+        out = launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5, config=config)
+        return (out[0] * 1.5,) + out[1:] if config == space[0] else out
+    caplog.set_level(logging.INFO, logger="tritonbn.autotune")
+    for _ in range(2):
+        tuner = Tuner(Cache(tmp_path / "a.json", shipped=False), timer=FakeTimer(space))
+        best, entry = tuner.tune(problem, trial)
+        assert best != space[0] and entry["rejected"] == 1 and entry["heuristic_ms"] is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(space[0]) in warnings[0] and "differs from the split regime" in warnings[0]
+    assert float(warnings[0].rsplit(" ", 1)[1]) > 0.1  # the difference, stated
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any(m.startswith(f"tuning {problem_key(problem)}: {len(space)} candidate") for m in infos)
+    assert any(m.startswith(f"tuned {problem_key(problem)} in ") and "1 of" in m for m in infos)
+
+
+def test_trials_time_launches_not_plan_building(device, tmp_path, monkeypatch):
+    """Each candidate's plan is built once, before its timed runs: the timer
+    sees launches only; the call then reuses the winner's plan."""
+    x = _x(device)
+    space = candidates(_problem("forward", x))
+    built = []
+    original = plans.forward_plan
+    monkeypatch.setattr(plans, "forward_plan", lambda *a, **k: built.append(a[3]) or original(*a, **k))
+
+    def timer(fn, config):
+        before = len(built)
+        fn()
+        fn()
+        assert len(built) == before, "a timed run built a plan"
+        return 10.0 - space.index(config)
+    tuner = Tuner(Cache(tmp_path / "t.json", shipped=False), timer=timer)
+    with use_tuner(tuner):
+        plans.clear()
+        launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5)
+    reference = tuner_module.reference_config(_problem("forward", x))
+    assert len(built) == len(set(built)) and set(built) == {*space, reference}
 
 
 def test_cache_survives_a_new_process(device, tmp_path):

@@ -151,8 +151,10 @@ def test_regime_rows_run_the_regime_they_name(tmp_path, monkeypatch):
         assert rows["inference", "tritonbn"] == "flat"
 
 
-def test_regime_config_is_none_where_the_regime_cannot_run():
+def test_regime_config_is_none_where_the_regime_cannot_run(monkeypatch):
     from tritonbn.autotune import Problem, regime_config
+    from tritonbn.autotune import config as config_module
+    monkeypatch.setattr(config_module, "_sm_count", lambda *args: 1)  # the interpreter's count
     cpu = torch.device("cpu")
     big = Problem("forward", 256, 64, 56 * 56, False, torch.float32, cpu)
     assert regime_config(big, "resident") is None  # past the interpreter's resident tile

@@ -76,9 +76,9 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     weight, bias = dense(weight), dense(bias)
     running = [dense(t) for t in (running_mean, running_var)]
     residual, r_strides = (None, (0, 0, 0)) if residual is None else conform(residual, view, fmt)
-    build = functools.partial(plans.forward_plan, x, view, fmt, training=True, weight=weight, bias=bias,
-                              update=running_mean is not None, momentum=momentum, eps=eps,
-                              residual=residual, r_strides=r_strides, relu=relu)
+    build = _memoized(functools.partial(
+        plans.forward_plan, x, view, fmt, training=True, weight=weight, bias=bias, update=running_mean is not None,
+        momentum=momentum, eps=eps, residual=residual, r_strides=r_strides, relu=relu))
     scratch = functools.cache(lambda: _scratch_running_stats(running_mean, running_var))
     cfg = plans.choose("forward", view, x, config, lambda c: run_forward(
         build(c), x, weight, bias, *scratch(), num_batches_tracked, residual))
@@ -109,9 +109,9 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
     x, view, fmt = plans.canonical(x)
     weight, bias, running_mean, running_var = (dense(t) for t in (weight, bias, running_mean, running_var))
     residual, r_strides = (None, (0, 0, 0)) if residual is None else conform(residual, view, fmt)
-    build = functools.partial(plans.forward_plan, x, view, fmt, training=False, weight=weight, bias=bias,
-                              update=False, momentum=None, eps=eps, residual=residual, r_strides=r_strides,
-                              relu=relu)
+    build = _memoized(functools.partial(
+        plans.forward_plan, x, view, fmt, training=False, weight=weight, bias=bias, update=False, momentum=None,
+        eps=eps, residual=residual, r_strides=r_strides, relu=relu))
     tensors = (x, weight, bias, running_mean, running_var, None, residual)
     cfg = plans.choose("inference", view, x, config, lambda c: run_forward(build(c), *tensors))
     found = build(cfg)
@@ -208,16 +208,23 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     grad_out, _ = conform(grad_out, view, fmt)
     output = None if output is None else conform(output, view, fmt)[0]
     weight, save_mean, save_invstd, bias = (dense(t) for t in (weight, save_mean, save_invstd, bias))
-    build = functools.partial(plans.backward_plan, grad_out, x, view, fmt, training=training, weight=weight,
-                              output_mask=mask, bias_dtype=bias_dtype, output=output,
-                              residual_grad=residual_grad, relu_from_input=relu_from_input,
-                              has_bias=bias is not None)
+    build = _memoized(functools.partial(
+        plans.backward_plan, grad_out, x, view, fmt, training=training, weight=weight, output_mask=mask,
+        bias_dtype=bias_dtype, output=output, residual_grad=residual_grad, relu_from_input=relu_from_input,
+        has_bias=bias is not None))
     tensors = (grad_out, x, weight, save_mean, save_invstd, output, bias)
     cfg = plans.choose("backward", view, x, config, lambda c: run_backward(build(c), *tensors))
     found = build(cfg)
     if _cacheable(x, key, *zip(given, tensors)):
         plans.remember(key, found)
     return run_backward(found, *tensors)
+
+
+def _memoized(build):
+    """build(config) -> plan, each config's plan built once: the tuner's trials
+    (first a check, then timed repetitions) time the plan's launches, not its
+    construction, and the call itself reuses the winner's plan."""
+    return functools.lru_cache(maxsize=None)(build)
 
 
 def _backward_mask(weight, output_mask, bias_dtype) -> tuple[bool, bool, bool]:
