@@ -2,7 +2,7 @@
 exchange partials (kernels/common.py: arrive, raise_flag, wait_or_hand_over).
 
 Its results in every layout, dtype and fused epilogue are checked with the
-other regimes (test_batch_norm, test_fused, test_gradcheck, test_traffic
+other regimes (test_batch_norm, test_batch_norm_relu, test_gradcheck, test_traffic
 force it). Here: when the heuristic picks it, what a config must satisfy,
 the grid it runs on, the interpreter's two-launch form of it, and the GPU's
 one-launch form run on the interpreter: there every wait gives up (programs
