@@ -40,9 +40,9 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, combine_double, depart, load_channel, load_grad, raise_flag,
-    relu_mask_from_x, reset_arrivals, saved_affine, split_range, tile_offsets, wait_or_hand_over,
+    affine, combine_double, load_channel, load_grad, relu_mask_from_x, saved_affine, split_range, tile_offsets,
 )
+from .cooperative import HANDED_OVER, arrive, claim_shares, depart, raise_flag, reset_arrivals, wait_or_hand_over
 
 
 @triton.jit
@@ -405,7 +405,7 @@ def bn_bwd_coop_kernel(
     In eval mode (whose dx reads no totals) it only runs PHASE 0 and no
     program waits: the last to arrive sums dweight / dbias, if asked for.
     In training the merger also finishes the shares handed over to it
-    (kernels/common.py: wait_or_hand_over), reading their x and dy again,
+    (kernels/cooperative.py: wait_or_hand_over), reading their x and dy again,
     [PIECE_N, BLOCK_C, PIECE_S] at a time."""
     HAS_SUMS: tl.constexpr = TRAINING or STORE_DWEIGHT or STORE_DBIAS
     WAITS: tl.constexpr = TRAINING and PHASE == 0  # the members' dx needs the totals the merger writes

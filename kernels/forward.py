@@ -11,7 +11,7 @@ resident  grid (cdiv(C, BLOCK_C),). A program holds its channels' m values in
           Limit: the whole channel block must fit one tile.
 cooperative  ``bn_fwd_coop_kernel``, grid (GROUP, groups): a channel block's
           slab held by GROUP programs, BLOCK_N images each (BLOCK_S >= S),
-          that exchange Welford partials (common.arrive /
+          that exchange Welford partials (cooperative.arrive /
           wait_or_hand_over); a persistent grid of at most one program per
           SM, each group taking channel blocks in turn. 1 read, 1 write, 1
           launch. A program that waits too long hands its share to the
@@ -42,9 +42,10 @@ import triton
 import triton.language as tl
 
 from .common import (
-    HANDED_OVER, affine, arrive, claim_shares, depart, epilogue, raise_flag, reset_arrivals, saved_affine,
-    split_range, store_channel_stats, tile_offsets, tile_statistics, wait_or_hand_over, welford_combine, welford_merge,
+    affine, epilogue, saved_affine, split_range, store_channel_stats, tile_offsets, tile_statistics, welford_combine,
+    welford_merge,
 )
+from .cooperative import HANDED_OVER, arrive, claim_shares, depart, raise_flag, reset_arrivals, wait_or_hand_over
 
 
 @triton.jit
@@ -360,7 +361,7 @@ def bn_fwd_coop_kernel(
     """Program (member, group) holds tile (member // s_parts, member % s_parts)
     of the [N, S] plane of each channel block group, group + groups, ... PHASE 0: all of it (GPU); 1: the
     partials and the merge only; 2: the normalization only. In PHASE 0 the
-    merger also finishes the shares handed over to it (kernels/common.py:
+    merger also finishes the shares handed over to it (kernels/cooperative.py:
     wait_or_hand_over), reading their x again, [PIECE_N, BLOCK_C, PIECE_S] at a
     time (few registers on a rarely taken path)."""
     member = tl.program_id(0)

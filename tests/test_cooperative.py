@@ -1,5 +1,5 @@
 """The cooperative regime: a channel block's slab over a group of programs that
-exchange partials (kernels/common.py: arrive, raise_flag, wait_or_hand_over).
+exchange partials (kernels/cooperative.py: arrive, raise_flag, wait_or_hand_over).
 
 Its results in every layout, dtype and fused epilogue are checked with the
 other regimes (test_batch_norm, test_batch_norm_relu, test_gradcheck, test_traffic
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from tritonbn import counters, kernels, launch, plans
-from tritonbn.kernels.common import claim_shares, depart, wait_or_hand_over
+from tritonbn.kernels.cooperative import claim_shares, depart, wait_or_hand_over
 from tritonbn.autotune import LaunchConfig, Problem, heuristic
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import in_layout, suite

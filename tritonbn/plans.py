@@ -177,7 +177,7 @@ def split_block(num_splits: int, block_c: int) -> int:
 def cooperative_grid(view: View, cfg: LaunchConfig, device: torch.device) -> tuple[int, int]:
     """(programs per channel block, groups) of the cooperative regime's grid: a
     persistent grid of at most one program per SM, so that every program of a
-    group is resident while the others wait for it (kernels/common.py: arrive,
+    group is resident while the others wait for it (kernels/cooperative.py: arrive,
     wait_or_hand_over); each group takes channel blocks in turn."""
     sms = autotune.config._sm_count(device.type, device.index)
     group = cfg.split_n * cfg.split_s
@@ -407,7 +407,7 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
 
 
 # Polls of a channel block's flag before a cooperative program hands its share
-# to the merger (kernels/common.py: wait_or_hand_over): about 10 ms of L2
+# to the merger (kernels/cooperative.py: wait_or_hand_over): about 10 ms of L2
 # round trips, where a co-resident group's wait takes microseconds.
 COOPERATIVE_SPIN_LIMIT = 1 << 14
 

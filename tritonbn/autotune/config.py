@@ -38,7 +38,7 @@ FIT_BYTES = 192 * 1024
 # channel-inner float32 (8 bytes at 16 warps): 2048 there. The forward's
 # channel-inner float32 variants with a fused residual spilled 8-20 bytes at
 # 16384 (bench.kernel_report --ops fused): 8192 there.
-# With the hand-over path (kernels/common.py: wait_or_hand_over) the forward's
+# With the hand-over path (kernels/cooperative.py: wait_or_hand_over) the forward's
 # 16384-value tiles spilled 8 bytes at 128 registers for (N, C) inputs
 # (16-bit) and channel-strided float32 with a fused residual: 8192 there.
 COOPERATIVE_LIMIT = {"forward": 16384, "backward": 4096}

@@ -1,0 +1,107 @@
+"""How the programs of one launch meet: arrival counters, the merged flag and
+its wait, and the hand-over of a share (tl.atomic_* at gpu scope; what other
+programs wrote is read with ``.cg``).
+
+The split regime uses the arrivals only: each program of a channel block
+arrives after storing its partials, and the last to arrive merges them
+(nobody waits). The cooperative regime (forward.bn_fwd_coop_kernel,
+backward.bn_bwd_coop_kernel) uses all of it: it spreads one channel block's
+slab over GROUP programs that each hold their share in registers. Each stores its partial statistics, then arrives at the
+channel block's counter; the last to arrive merges the partials in a fixed
+order, writes the block's statistics and raises its flag; the others wait
+for the flag and read those statistics. The launcher keeps the grid within
+one program per SM, so all its programs are normally resident at once and
+a wait ends within microseconds. Where they are not (a GPU shared with
+other work, fewer SMs than the device reports), a wait gives up after
+spin_limit polls and the program hands its share to the merger
+(wait_or_hand_over, claim_shares): the merger then reads that share again
+from memory and finishes it with the same statistics, so results do not
+change and no program waits for one that cannot start. Data written by
+other programs is read with ``.cg`` (from L2, never a stale L1 line).
+
+The flags are tritonbn/counters.py's zeroed counters, left at zero for the next
+launch: the last to arrive resets the arrival counter; every program counts
+itself out (depart) after its last use of the block's flag and share states,
+and the last to leave resets them.
+"""
+import triton
+import triton.language as tl
+
+# Share states, one int32 per (channel block, member), zero at launch:
+HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
+CLAIMED = tl.constexpr(2)      # the merger came first: the member's wait ends with the flag up
+
+
+@triton.jit
+def arrive(Arrived):
+    """Count this program in at a channel block's counter, after all its threads'
+    stores (bar.sync, then one release-acquire atomic). Returns how many had
+    arrived before: GROUP - 1 for the last, which then sees every other
+    program's stores."""
+    tl.debug_barrier()
+    return tl.atomic_add(Arrived, 1, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def reset_arrivals(Arrived):
+    """The last program to arrive: no other arrives at this counter again in
+    this launch, so it goes back to zero for the next."""
+    tl.atomic_xchg(Arrived, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def raise_flag(Done):
+    """Publish the merged statistics: every thread's stores, then the flag."""
+    tl.debug_barrier()
+    tl.atomic_xchg(Done, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_or_hand_over(Done, State, spin_limit):
+    """Poll Done (acquire) up to spin_limit times after the first. True: the
+    flag is up and the statistics are readable. False: this program handed
+    its share over (State 0 -> HANDED_OVER) and must skip it; the merger,
+    which claims every share after raising the flag, finishes it. If the
+    merger claimed this share first (State was CLAIMED), the flag is up: True."""
+    seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+    spins = spin_limit
+    while seen == 0:
+        if spins > 0:
+            seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+            spins -= 1
+        else:
+            seen = -1  # given up
+    go = seen > 0
+    if seen < 0:
+        go = tl.atomic_cas(State, 0, HANDED_OVER, sem="acq_rel", scope="gpu") == CLAIMED
+    tl.debug_barrier()
+    return go
+
+
+@triton.jit
+def claim_shares(State, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
+    """The merger, after raising the flag: claim every share still pending
+    (0 -> CLAIMED), one atomic per member at once (MEMBERS: GROUP rounded up
+    to a power of two). Returns how many were handed over (those the merger
+    must finish: State == HANDED_OVER)."""
+    others = tl.arange(0, MEMBERS)
+    others = tl.where(others < GROUP, others, member)  # lanes past GROUP: the merger's own slot, unused
+    before = tl.atomic_cas(State + others, tl.zeros_like(others), tl.full(others.shape, CLAIMED, tl.int32),
+                           sem="acq_rel", scope="gpu")
+    return tl.sum((before == HANDED_OVER).to(tl.int32), 0)
+
+
+@triton.jit
+def depart(Departed, Done, State, GROUP: tl.constexpr):
+    """Count this program out of a channel block's exchange, after its last
+    read or write of the block's flag and share states (a member after its
+    wait, the merger after claiming and finishing shares). The last of the
+    GROUP to leave (it then sees every other program's accesses) sets the
+    flag, the share states and the departure counter back to zero, so the
+    next launch finds them as counters.py promises."""
+    tl.debug_barrier()
+    if tl.atomic_add(Departed, 1, sem="acq_rel", scope="gpu") == GROUP - 1:
+        for member in range(GROUP):  # a loop, not one vector store: fewer registers on the common path
+            tl.store(State + member, 0)
+        tl.atomic_xchg(Done, 0, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(Departed, 0, sem="relaxed", scope="gpu")
