@@ -85,7 +85,7 @@ def bind(fn, args, kwargs) -> dict:
 
 
 # keyword arguments of a launch that are compile options, not kernel arguments
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_cooperative_grid")
 
 
 class _Address:

@@ -97,6 +97,7 @@ class StubKernel:
         self.constants = dict(src.constants)
         self.attrs = dict(src.attrs)
         self.num_warps = options.get("num_warps")
+        self.launch_cooperative_grid = bool(options.get("launch_cooperative_grid", False))
         self.function = id(self)
         self.packed_metadata = (self.num_warps, options.get("num_ctas", 1), 0)
         self.metadata = None
@@ -105,7 +106,7 @@ class StubKernel:
             # Triton's own launcher: what its dispatch and a direct launch call alike; the
             # recorder sees what reaches its compiled C entry
             from triton.backends.nvidia.driver import CudaLauncher
-            self.run = CudaLauncher(src, _LauncherMetadata())
+            self.run = CudaLauncher(src, _LauncherMetadata(options))
             if _RECORD:
                 entry = self.run.launch
 
@@ -170,12 +171,16 @@ LAUNCHER = "python"  # "triton-c" once install() has built Triton's C launcher a
 
 class _LauncherMetadata:
     """The compiled-kernel metadata Triton's CudaLauncher reads: no scratch
-    memory, a plain (not cooperative, no PDL) launch of one CTA."""
+    memory, one CTA, no PDL; a cooperative grid where the launch asked for
+    one (launch_cooperative_grid)."""
     num_ctas = 1
     global_scratch_size = profile_scratch_size = 0
     global_scratch_align = profile_scratch_align = 1
-    launch_cooperative_grid = launch_pdl = False
+    launch_pdl = False
     tensordesc_meta = None
+
+    def __init__(self, options):
+        self.launch_cooperative_grid = bool(options.get("launch_cooperative_grid", False))
 
 
 _libcuda = None  # the stand-in libcuda, once loaded

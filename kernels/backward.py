@@ -390,11 +390,13 @@ def bn_bwd_coop_kernel(
     stride_dxn, stride_dxc, stride_dxs,
     stride_yn, stride_yc, stride_ys,
     count_hi, count_lo,  # m = N * S, as two float32 halves (exact in float64)
-    spin_limit,         # polls of the summed flag before a share is handed to the merger
+    wait_limit,         # the wait for the summed flag before a share is handed to the merger:
+                        # ns (TIMED_WAIT) or polls
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
     STORE_DWEIGHT: tl.constexpr, STORE_DBIAS: tl.constexpr, COMPUTE_DX: tl.constexpr,
     RELU: tl.constexpr, RELU_FROM_X: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
-    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, TIMED_WAIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -441,7 +443,7 @@ def bn_bwd_coop_kernel(
         if WAITS:
             go = arrived == GROUP - 1
             if arrived != GROUP - 1:
-                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, spin_limit)
+                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, wait_limit, TIMED_WAIT)
         if PHASE != 1:
             if go:
                 _gradients_of_share(g, xmu, DX, DR, Totals, n0, s0, cols, cmask, mask, scale, invstd, count,

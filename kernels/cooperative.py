@@ -1,31 +1,34 @@
 """How the programs of one launch meet: arrival counters, the merged flag and
 its wait, and the hand-over of a share (tl.atomic_* at gpu scope; what other
-programs wrote is read with ``.cg``).
+programs wrote is read with ``.cg``, from L2, never a stale L1 line).
 
 The split regime uses the arrivals only: each program of a channel block
 arrives after storing its partials, and the last to arrive merges them
-(nobody waits). The cooperative regime (forward.bn_fwd_coop_kernel,
-backward.bn_bwd_coop_kernel) uses all of it: it spreads one channel block's
-slab over GROUP programs that each hold their share in registers. Each stores its partial statistics, then arrives at the
-channel block's counter; the last to arrive merges the partials in a fixed
-order, writes the block's statistics and raises its flag; the others wait
-for the flag and read those statistics. The launcher keeps the grid within
-one program per SM, so all its programs are normally resident at once and
-a wait ends within microseconds. Where they are not (a GPU shared with
-other work, fewer SMs than the device reports), a wait gives up after
-spin_limit polls and the program hands its share to the merger
-(wait_or_hand_over, claim_shares): the merger then reads that share again
-from memory and finishes it with the same statistics, so results do not
-change and no program waits for one that cannot start. Data written by
-other programs is read with ``.cg`` (from L2, never a stale L1 line).
+(nobody waits).
 
-The flags are tritonbn/counters.py's zeroed counters, left at zero for the next
-launch: the last to arrive resets the arrival counter; every program counts
-itself out (depart) after its last use of the block's flag and share states,
-and the last to leave resets them.
+The cooperative regime (forward.bn_fwd_coop_kernel, backward.bn_bwd_coop_kernel)
+uses all of it. It spreads one channel block's slab over GROUP programs that
+each hold their share in registers. Each stores its partial statistics, then
+arrives at the channel block's counter; the last to arrive merges the
+partials in a fixed order, writes the block's statistics and raises its
+flag; the others wait for the flag and read those statistics. The grid is at
+most one program per SM and is launched as a cooperative grid
+(tritonbn/plans.py), which the driver starts only when all its programs can
+be resident at once, so a wait ends within microseconds. Should one still
+take longer than its budget (tens of microseconds of the GPU's global timer;
+a poll count under the interpreter, which has no timer), the program hands
+its share to the merger (wait_or_hand_over, claim_shares): the merger reads
+that share again and finishes it with the same statistics, so results do
+not change and no program waits for one that cannot run.
+
+The flags are tritonbn/counters.py's zeroed counters, left at zero for the
+next launch: the last to arrive resets the arrival counter; every program
+counts itself out (depart) after its last use of the block's flag and share
+states, and the last to leave resets them.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 # Share states, one int32 per (channel block, member), zero at launch:
 HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
@@ -57,20 +60,31 @@ def raise_flag(Done):
 
 
 @triton.jit
-def wait_or_hand_over(Done, State, spin_limit):
-    """Poll Done (acquire) up to spin_limit times after the first. True: the
-    flag is up and the statistics are readable. False: this program handed
-    its share over (State 0 -> HANDED_OVER) and must skip it; the merger,
-    which claims every share after raising the flag, finishes it. If the
-    merger claimed this share first (State was CLAIMED), the flag is up: True."""
+def wait_or_hand_over(Done, State, wait_limit, TIMED_WAIT: tl.constexpr):
+    """Poll Done (acquire) until it is up or the wait's budget is spent:
+    wait_limit nanoseconds of the GPU's global timer (TIMED_WAIT), else
+    wait_limit polls after the first (the interpreter, which has no timer).
+    True: the flag is up and the statistics are readable. False: this
+    program handed its share over (State 0 -> HANDED_OVER) and must skip
+    it; the merger, which claims every share after raising the flag,
+    finishes it. If the merger claimed this share first (State was
+    CLAIMED), the flag is up: True."""
     seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
-    spins = spin_limit
-    while seen == 0:
-        if spins > 0:
-            seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
-            spins -= 1
-        else:
-            seen = -1  # given up
+    if TIMED_WAIT:
+        start = globaltimer()
+        while seen == 0:
+            if globaltimer() - start < wait_limit:
+                seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+            else:
+                seen = -1  # given up
+    else:
+        spins = wait_limit
+        while seen == 0:
+            if spins > 0:
+                seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+                spins -= 1
+            else:
+                seen = -1  # given up
     go = seen > 0
     if seen < 0:
         go = tl.atomic_cas(State, 0, HANDED_OVER, sem="acq_rel", scope="gpu") == CLAIMED

@@ -349,11 +349,13 @@ def bn_fwd_coop_kernel(
     stride_yn, stride_yc, stride_ys,
     stride_rn, stride_rc, stride_rs,
     momentum_hi, momentum_lo, eps_hi, eps_lo,
-    spin_limit,         # polls of the merged flag before a share is handed to the merger
+    wait_limit,         # the wait for the merged flag before a share is handed to the merger:
+                        # ns (TIMED_WAIT) or polls
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr, CUMULATIVE_AVERAGE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr, MEMBERS: tl.constexpr, PHASE: tl.constexpr, TIMED_WAIT: tl.constexpr,
+    SPLIT_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     PIECE_N: tl.constexpr, PIECE_S: tl.constexpr,
     CHANNEL_INNER: tl.constexpr, INT64: tl.constexpr, VEC: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -395,7 +397,7 @@ def bn_fwd_coop_kernel(
         if PHASE == 0:
             go = arrived == GROUP - 1
             if arrived != GROUP - 1:
-                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, spin_limit)
+                go = wait_or_hand_over(Flags + num_blocks + block, shares + member, wait_limit, TIMED_WAIT)
         if PHASE != 1:
             if go:
                 _normalize_share(x, Y, R, Weight, Bias, SaveMean, SaveInvstd, n0, s0, cols, cmask, mask, N, S,

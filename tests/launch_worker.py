@@ -140,7 +140,10 @@ def check(label: str, fn, named, report: dict, fresh: bool = True) -> list:
         report["failures"].append(f"{label}: {dispatched} launches went through Triton's dispatch")
     if jit != direct:
         report["failures"].append(f"{label}: launcher arguments differ:\n  jit    {jit}\n  direct {direct}")
-    for name, kernel, *_ in direct:
+    for name, kernel, *rest in direct:
+        report["cooperative"].add((name, kernel.launch_cooperative_grid))
+        if len(rest) == 1 and rest[0][5] != kernel.launch_cooperative_grid:  # the C entry's cooperative flag
+            report["failures"].append(f"{label}: {name} reached the launcher with cooperative={rest[0][5]}")
         variant = (name, tuple(sorted(kernel.constants.items(), key=str)), tuple(sorted(kernel.attrs.items(),
                                                                                          key=str)))
         report["variants"].add(repr(variant))
@@ -149,7 +152,7 @@ def check(label: str, fn, named, report: dict, fresh: bool = True) -> list:
 
 
 def main(out_file: str, quick: bool) -> None:
-    report = dict(failures=[], variants=set(), launches=0, cases=0, respecialized=0,
+    report = dict(failures=[], variants=set(), launches=0, cases=0, respecialized=0, cooperative=set(),
                   entries={True: 0, False: 0})  # prepared direct launches: through the C entry, or not
     shapes = RESNET50[::4] if quick else RESNET50
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
@@ -220,6 +223,7 @@ def main(out_file: str, quick: bool) -> None:
         report["launch_devices"] = list(RECORDER.devices)
         RECORDER.take()
     report["variants"] = sorted(report["variants"])
+    report["cooperative"] = sorted(report["cooperative"])  # (kernel, launched as a cooperative grid)
     report["triton"] = triton.__version__
     report["direct_enabled"] = launcher.enabled
     report["launcher"] = standin.LAUNCHER

@@ -7,8 +7,8 @@ force it). Here: when the heuristic picks it, what a config must satisfy,
 the grid it runs on, the interpreter's two-launch form of it, and the GPU's
 one-launch form run on the interpreter: there every wait gives up (programs
 run one after another) and hands its share to the merger, which finishes
-it. A wait that ends with the flag up only happens on a GPU; test_cuda runs
-it there.
+it. test_concurrent_programs runs the programs at once, waits that end with
+the flag up included; test_cuda runs them on a GPU.
 """
 import pytest
 import torch
@@ -254,8 +254,8 @@ def test_single_launch_with_shares_handed_over_equals_two_phases(monkeypatch, la
 
 
 @triton.jit
-def _wait_kernel(Done, State, Out, spin_limit):
-    tl.store(Out, wait_or_hand_over(Done, State, spin_limit).to(tl.int32))
+def _wait_kernel(Done, State, Out, polls):
+    tl.store(Out, wait_or_hand_over(Done, State, polls, False).to(tl.int32))
 
 
 @triton.jit

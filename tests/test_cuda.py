@@ -124,7 +124,7 @@ def test_training_step_captures_in_a_cuda_graph():
 
 @pytest.mark.parametrize("shape,channels_last", [((64, 512, 28, 28), False), ((32, 2048, 7, 7), True)], ids=str)
 def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channels_last):
-    """Waits cut to one poll: programs that find the flag down hand their
+    """No time to wait: programs that find the flag down hand their
     share to the merger while others race it for the same shares (the claim
     CAS). Forward and backward must equal the normal waits' results bit for
     bit, whichever way each race goes."""
@@ -149,7 +149,8 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
         return [y, *(t.grad for t in leaves), *running]
 
     expected = run()
-    monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", 0)
+    monkeypatch.setattr(plans, "COOPERATIVE_WAIT_NS", 0)
+    plans.clear()
     for _ in range(3):
         for a, b in zip(run(), expected):
             assert torch.equal(a, b)

@@ -50,6 +50,16 @@ def test_direct_launches_pass_what_triton_passes(report):
     assert any("bn_fwd_resident_kernel" in v for v in report["variants"])
 
 
+def test_cooperative_kernels_launch_as_cooperative_grids(report):
+    """The cooperative regime's kernels, and only they, are launched with
+    launch_cooperative_grid (the driver then starts the grid only with every
+    program resident), on Triton's path and the direct one alike."""
+    launched = dict(report["cooperative"])
+    assert len(launched) == len(report["cooperative"]), report["cooperative"]  # one answer per kernel
+    assert {name for name, cooperative in launched.items() if cooperative} == {
+        "bn_fwd_coop_kernel", "bn_bwd_coop_kernel"}, launched
+
+
 def test_every_launch_runs_on_the_tensors_device(report):
     """With another device current (1) than the tensors' (0): the first
     launches (Triton's JIT) and the direct ones after all see the tensors'

@@ -10,7 +10,9 @@ cannot show an ordering bug; the compiled code can be read:
   partials, the merged statistics or totals, the flags and share states --
   is a ``.cg`` load (L2, never a stale L1 line) or an acquire at gpu scope;
 - no ``bar.sync`` is predicated, and no branch whose condition depends on
-  the thread skips one (a barrier some threads of a program never reach).
+  the thread skips one (a barrier some threads of a program never reach);
+- every variant is launched as a cooperative grid, and a wait's budget is
+  read from the global timer.
 
 Compiled in a subprocess with the interpreter off (Triton's own compiler;
 no GPU). The checker is also run on PTX mutated to break each rule."""
@@ -55,7 +57,7 @@ for launch in record_launches(problems):
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(v.options)).asm["ptx"]
         flags = {k: v for k, v in v.constexprs.items() if isinstance(v, bool)}
         found[v.key] = dict(kernel=v.fn.__name__, pointers=pointer_params(v.sig), flags=flags, ptx=ptx,
-                            phase=v.constexprs.get("PHASE"))
+                            phase=v.constexprs.get("PHASE"), options=dict(v.options))
 print(json.dumps(list(found.values()), default=str))
 """
 
@@ -155,6 +157,8 @@ def test_every_cooperative_variant_keeps_the_protocols_ordering(variants):
         problems = ordering_violations(v["ptx"], v["pointers"], SHARED[v["kernel"]], _exchange(v))
         assert problems == [], (v["kernel"], v["flags"], problems[:5])
         assert ("ld.global.cg" in v["ptx"]) == (_exchange(v) != "none")  # it reads what others wrote
+        assert v["options"].get("launch_cooperative_grid") is True, v["options"]
+        assert ("%globaltimer" in v["ptx"]) == (_exchange(v) == "flag")  # a timed wait where one waits
 
 
 @pytest.mark.parametrize("mutation", ["plain partial load", "relaxed arrival", "cta-scope flag",

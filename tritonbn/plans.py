@@ -406,10 +406,23 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
                        like_input=allocated_like(x, stride), stats_free_args=dict(args, STORE_STATS=False))
 
 
-# Polls of a channel block's flag before a cooperative program hands its share
-# to the merger (kernels/cooperative.py: wait_or_hand_over): about 10 ms of L2
-# round trips, where a co-resident group's wait takes microseconds.
+# How long a cooperative program waits for its channel block's flag before it
+# hands its share to the merger (kernels/cooperative.py: wait_or_hand_over):
+# on a GPU 50 us of its global timer, where a co-resident group's wait takes a
+# few; under the interpreter, which has no timer, a number of polls.
+COOPERATIVE_WAIT_NS = 50_000
 COOPERATIVE_SPIN_LIMIT = 1 << 14
+
+
+def cooperative_launch() -> dict:
+    """The cooperative kernels' wait budget and launch option: on a GPU a
+    timed wait, and a cooperative grid (launch_cooperative_grid: the driver
+    starts it only with all its programs resident at once, so no member
+    waits for one that is not scheduled); under the interpreter polls."""
+    from . import kernels
+    if kernels.INTERPRETED:
+        return dict(wait_limit=COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=False)
+    return dict(wait_limit=COOPERATIVE_WAIT_NS, TIMED_WAIT=True, launch_cooperative_grid=True)
 
 
 def hand_over_piece(cfg: LaunchConfig, itemsize: int) -> dict:
@@ -428,7 +441,7 @@ def _cooperative(plan, view: View, cfg: LaunchConfig, device: torch.device, item
     plan.num_flags = (3 + group) * blocks  # arrivals, flags, departures, then each member's share state
     plan.phases = cooperative_phases()
     plan.args.update(GROUP=group, MEMBERS=next_power_of_2(group), s_parts=cfg.split_s,
-                     SPLIT_BLOCK=split_block(group, cfg.block_c), spin_limit=COOPERATIVE_SPIN_LIMIT,
+                     SPLIT_BLOCK=split_block(group, cfg.block_c), **cooperative_launch(),
                      **hand_over_piece(cfg, itemsize))
 
 
