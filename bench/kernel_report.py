@@ -184,16 +184,17 @@ def _record_one(launch, op, shape, dtype, channels_last, config) -> None:
                 launch.backward(torch.empty_like(x), x, weight, mean, invstd, True, mask, bias.dtype,
                                 config=config, relu_from_input=True, bias=bias)
     elif op == "sync":  # SyncBatchNorm's launches (tritonbn/distributed.py), two processes' stats
+        from tritonbn import distributed
         from tritonbn.autotune import override
         with override(forward=config, backward=config):
-            launch.local_stats(x)
+            distributed.local_stats(x)
             gathered = torch.empty((3, 2, C), **stats)
             nbt = torch.empty((), dtype=torch.long, device="meta")
             for rows in (x, x[:0]):  # an empty process writes the statistics without normalizing
-                launch.forward_training_from_stats(rows, gathered, weight, bias, rm, rv, nbt, None, 1e-5)
+                distributed.forward_training_from_stats(rows, gathered, weight, bias, rm, rv, nbt, None, 1e-5)
             mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)
-            launch.backward_local_sums(torch.empty_like(x), x, mean, invstd)
-            launch.backward_input_from_means(torch.empty_like(x), x, weight, mean, invstd,
+            distributed.backward_local_sums(torch.empty_like(x), x, mean, invstd)
+            distributed.backward_input_from_means(torch.empty_like(x), x, weight, mean, invstd,
                                              torch.empty((2, C), **stats))
     else:
         mean, invstd = torch.empty(C, **stats), torch.empty(C, **stats)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.kernel_report import recording
-from tritonbn import counters, kernels, launch, plans
+from tritonbn import counters, distributed, kernels, launch, plans
 from reference import assert_matches_reference, reference_batch_norm, reference_grads, split
 
 # C=5 in blocks of 2: three channel blocks, the last half masked; S=21 in tiles
@@ -40,8 +40,8 @@ def _forward_three_launches(x, weight, bias, running_mean, running_var, nbt, mom
                                         **stats_args)
     save_mean = torch.empty(view.C, dtype=p.stats_dtype)
     save_invstd = torch.empty(view.C, dtype=p.stats_dtype)
-    launch._merge(partials, None, save_mean, save_invstd, running_mean, running_var, nbt, momentum, eps,
-                  CONFIG.block_c)
+    distributed._merge(partials, None, save_mean, save_invstd, running_mean, running_var, nbt, momentum, eps,
+                       CONFIG.block_c)
     y = torch.empty_strided(p.size, p.stride, dtype=x.dtype)
     kernels.bn_fwd_normalize_kernel[p.grid](x, y, x, weight, bias, save_mean, save_invstd, **p.args)
     return y, save_mean, save_invstd

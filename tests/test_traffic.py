@@ -26,6 +26,7 @@ from triton.runtime import interpreter
 
 from bench import traffic
 from bench.kernel_report import Launch, bind, recording
+from tritonbn import distributed
 from tritonbn import launch as launcher
 from tritonbn.autotune import LaunchConfig
 
@@ -204,12 +205,12 @@ def test_model_matches_interpreter_sync_batch_norm(counted):
     mean, invstd = torch.randn(C), torch.rand(C) + 0.5
 
     def run():
-        stats = launcher.local_stats(x)
+        stats = distributed.local_stats(x)
         gathered = torch.stack([stats, stats], dim=1)  # [3, 2 processes, C]
-        launcher.forward_training_from_stats(x, gathered, weight, bias, *running, None, 0.1, 1e-5)
-        launcher.forward_training_from_stats(x[:0], gathered, weight, bias, *running, None, 0.1, 1e-5)
-        launcher.backward_local_sums(torch.randn_like(x), x, mean, invstd)
-        launcher.backward_input_from_means(torch.randn_like(x), x, weight, mean, invstd, torch.randn(2, C))
+        distributed.forward_training_from_stats(x, gathered, weight, bias, *running, None, 0.1, 1e-5)
+        distributed.forward_training_from_stats(x[:0], gathered, weight, bias, *running, None, 0.1, 1e-5)
+        distributed.backward_local_sums(torch.randn_like(x), x, mean, invstd)
+        distributed.backward_input_from_means(torch.randn_like(x), x, weight, mean, invstd, torch.randn(2, C))
 
     results = counted(run)
     _check(results)

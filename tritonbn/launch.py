@@ -29,14 +29,13 @@ import functools
 
 import torch
 
-from . import counters, kernels, plans
+from . import counters, plans
 from .launcher import launch
-from .autotune import LaunchConfig, choose_config
-from .autotune.config import heuristic, next_power_of_2
-from .plans import BackwardPlan, ForwardPlan, View, acc_dtype, conform, dense, output_format
+from .autotune import LaunchConfig
+from .plans import BackwardPlan, ForwardPlan, acc_dtype, conform, dense, output_format
 
 __all__ = ["acc_dtype", "backward", "forward_inference", "forward_training", "output_format",
-           "run_backward", "run_forward"]
+           "run_backward", "run_forward", "write_back"]
 
 
 def _cacheable(x: torch.Tensor, key: tuple | None, *pairs) -> bool:
@@ -86,7 +85,7 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     if _cacheable(x, key, *zip(given, (x, weight, bias, *running, residual))):
         plans.remember(key, found)
     outputs = run_forward(found, x, weight, bias, *running, num_batches_tracked, residual)
-    _write_back((running_mean, running_var), running)
+    write_back((running_mean, running_var), running)
     return outputs
 
 
@@ -171,7 +170,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
     return y, save_mean, save_invstd
 
 
-def _write_back(buffers, dense_copies) -> None:
+def write_back(buffers, dense_copies) -> None:
     """Strided running stats are updated in dense copies (plans.dense): copy those back."""
     for buffer, updated in zip(buffers, dense_copies):
         if updated is not buffer:
@@ -295,106 +294,3 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
         launch(p, "dx", "bn_bwd_dx_kernel", p.grid, p.args)(
             x, grad_out, dx_, y, dr_, dummy if partials is None else partials, w, b, save_mean, save_invstd)
     return dx, dw, db, dr
-
-
-# SyncBatchNorm (tritonbn/distributed.py) runs the split kernels with the
-# statistics merged across processes in between. Always the split regime; the
-# tuner is not asked to time candidates, since a trial cannot run collectives.
-
-def _split_config(op: str, view: View, x: torch.Tensor) -> LaunchConfig:
-    problem = plans.problem(op, view, x)
-    cfg = choose_config(problem)
-    return cfg if cfg.regime == "split" else heuristic(problem, allow_resident=False)
-
-
-def local_stats(x: torch.Tensor) -> torch.Tensor:
-    """[3, C] (count, mean, m2) of this process's values of each channel, in
-    the statistics dtype; zeros for an empty input."""
-    acc = acc_dtype(x.dtype)
-    merged = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
-    if x.numel() == 0:
-        return merged
-    x, view, fmt = plans.canonical(x)
-    cfg = _split_config("forward", view, x)
-    grid, _, _ = plans.grid_split(view, cfg)
-    num_splits = grid[1] * grid[2]
-    partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
-    # no merge in the kernel (MERGE=False): the triples are all-gathered first
-    kernels.bn_fwd_stats_kernel[grid](x, partials, partials, partials, partials, partials, partials, partials,
-                                      **plans.stats_args(x, view, cfg, num_splits, momentum=0.0, eps=0.0,
-                                                         update=False, merge=False))
-    _merge(partials, merged, None, None, None, None, None, None, 0.0, cfg.block_c)
-    return merged
-
-
-def _merge(partials, merged, save_mean, save_invstd, running_mean, running_var, num_batches_tracked,
-           momentum, eps, block_c: int) -> None:
-    """bn_fwd_merge_kernel: store the merged partials (merged given) or the
-    statistics and running-stat update (save_mean given)."""
-    channels, num_splits = partials.shape[2], partials.shape[1]
-    dummy = partials
-    update = running_mean is not None
-    kernels.bn_fwd_merge_kernel[(-(-channels // block_c),)](
-        partials, dummy if merged is None else merged,
-        dummy if save_mean is None else save_mean, dummy if save_invstd is None else save_invstd,
-        running_mean if update else dummy, running_var if update else dummy,
-        dummy if num_batches_tracked is None else num_batches_tracked, channels,
-        **plans.merge_args(num_splits, block_c, partials.dtype, momentum=momentum, eps=eps, update=update,
-                           store_merged=merged is not None, store_stats=save_mean is not None))
-
-
-def forward_training_from_stats(x, stats, weight, bias, running_mean, running_var,
-                                num_batches_tracked, momentum: float | None, eps: float):
-    """forward_training with the statistics of ``stats`` [3, P, C] (count,
-    mean, m2 of every process) in place of x's own. Returns (y, save_mean,
-    save_invstd); an empty x still writes the statistics and running stats."""
-    acc = acc_dtype(x.dtype)
-    channels = x.shape[1]
-    running = [dense(t) for t in (running_mean, running_var)]
-    if x.numel() == 0:
-        y = torch.empty_like(x, memory_format=output_format(x))
-        save_mean = torch.empty(channels, dtype=acc, device=x.device)
-        save_invstd = torch.empty(channels, dtype=acc, device=x.device)
-        _merge(stats, None, save_mean, save_invstd, *running, num_batches_tracked, momentum, eps,
-               block_c=min(next_power_of_2(channels), 128))
-        outputs = y, save_mean, save_invstd
-    else:
-        x, view, fmt = plans.canonical(x)
-        weight, bias = dense(weight), dense(bias)
-        p = plans.forward_plan(x, view, fmt, _split_config("forward", view, x), training=True, weight=weight,
-                               bias=bias, update=running_mean is not None, momentum=momentum, eps=eps,
-                               residual=None, r_strides=(0, 0, 0), relu=False, num_splits=stats.shape[1])
-        outputs = run_forward(p, x, weight, bias, *running, num_batches_tracked, None, partials=stats)
-    _write_back((running_mean, running_var), running)
-    return outputs
-
-
-def _sync_backward_plan(grad_out, x, weight, output_mask, bias_dtype, partials_given: bool):
-    x, view, fmt = plans.canonical(x)
-    grad_out, _ = conform(grad_out, view, fmt)
-    p = plans.backward_plan(grad_out, x, view, fmt, _split_config("backward", view, x), training=True,
-                            weight=weight, output_mask=output_mask, bias_dtype=bias_dtype, output=None,
-                            residual_grad=False, relu_from_input=False, has_bias=False,
-                            partials_given=partials_given, count=1.0 if partials_given else None)
-    return p, grad_out, x
-
-
-def backward_local_sums(grad_out, x, save_mean, save_invstd) -> torch.Tensor:
-    """[2, C] (sum g, sum g * xhat) over this process's values; zeros for an empty x."""
-    sums = torch.zeros((2, x.shape[1]), dtype=acc_dtype(x.dtype), device=x.device)
-    if x.numel() == 0:
-        return sums
-    # dweight / dbias outputs in the statistics dtype are exactly the two sums
-    p, grad_out, x = _sync_backward_plan(grad_out, x, None, (False, True, True), sums.dtype, False)
-    run_backward(p, grad_out, x, None, dense(save_mean), dense(save_invstd), None, None, sums=sums)
-    return sums
-
-
-def backward_input_from_means(grad_out, x, weight, save_mean, save_invstd, means: torch.Tensor):
-    """grad_input of the training backward, given ``means`` [2, C] = (sum g,
-    sum g * xhat) / m over all processes' values."""
-    weight = dense(weight)
-    p, grad_out, x = _sync_backward_plan(grad_out, x, weight, (True, False, False), None, True)
-    dx, _, _, _ = run_backward(p, grad_out, x, weight, dense(save_mean), dense(save_invstd), None, None,
-                               partials=means.view(2, 1, -1))
-    return dx
