@@ -54,8 +54,8 @@ def _epilogue(name: str) -> str:
 
 
 def _problem(op: str, x: torch.Tensor) -> Problem:
-    from tritonbn import plans
-    view = plans.canonical(x)[1]
+    from tritonbn import views
+    view = views.canonical(x)[1]
     return Problem(traffic.OPS[op].tuned, view.N, view.C, view.S, view.channel_inner, x.dtype,
                    torch.device("cuda", 0))
 

@@ -426,7 +426,7 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
 def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
     """(op, shape, dtype, channels_last, config) for the heuristic's GPU config
     (and, with_candidates, the whole tuning space) of each problem."""
-    from tritonbn import plans
+    from tritonbn import views
     from tritonbn.autotune import Problem, candidates, config, heuristic
     config._sm_count = lambda *args: sms  # what the heuristic would see on that GPU
     config._warp_size = lambda *args: 32
@@ -435,7 +435,7 @@ def problems_for(shapes, dtypes, layouts, ops, sms: int, with_candidates: bool):
         for dtype in dtypes:
             for layout in layouts_for(shape, layouts):
                 x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), layout)
-                _, view, _ = plans.canonical(x)
+                _, view, _ = views.canonical(x)
                 for op in ops:
                     # the fused epilogue launches with each direction's own config
                     fused = ("fused_forward", "fused_backward", "fused_inference")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import autotune, plans
+from tritonbn import autotune, plans, views
 from tritonbn.autotune.shapes import in_layout
 
 PROVIDERS = ("tritonbn", "eager", "compile")
@@ -97,7 +97,7 @@ def _sms(x: torch.Tensor) -> int | None:
 
 
 def timed_problems(mode: str, x: torch.Tensor) -> list:
-    view = plans.canonical(x)[1]
+    view = views.canonical(x)[1]
     return [plans.problem(op, view, x) for op in TIMED_OPS[mode]]
 
 

@@ -350,12 +350,12 @@ def call_op(op: str, x: torch.Tensor, config, momentum: float | None = 0.1) -> N
 
 def gpu_config(op: str, x: torch.Tensor, sms: int = H100_SMS):
     """The heuristic's config for op on x, as on a GPU with `sms` SMs."""
-    from tritonbn import plans
+    from tritonbn import views
     from tritonbn.autotune import Problem, heuristic
     from tritonbn.autotune import config as config_module
     config_module._sm_count = lambda *args: sms  # what the heuristic would see on that GPU
     config_module._warp_size = lambda *args: 32
-    _, view, _ = plans.canonical(x)
+    _, view, _ = views.canonical(x)
     problem = Problem(OPS[op].tuned, view.N, view.C, view.S, view.channel_inner, x.dtype, torch.device("cuda", 0))
     return heuristic(problem)
 

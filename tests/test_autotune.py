@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn import launch, plans
+from tritonbn import launch, plans, views
 from tritonbn.autotune import Cache, LaunchConfig, Problem, Tuner, candidates, heuristic, override, use_tuner
 from tritonbn.autotune import tuner as tuner_module
 from tritonbn.autotune.tuner import ENV_AUTOTUNE, device_context, problem_key
@@ -47,7 +47,7 @@ def _x(device):
 
 
 def _problem(op, x):
-    _, view, _ = plans.canonical(x)
+    _, view, _ = views.canonical(x)
     return Problem(op, view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
 
 
@@ -210,12 +210,12 @@ def test_cache_survives_a_new_process(device, tmp_path):
     expected = _entry(tuner, x)["config"]
     script = textwrap.dedent(f"""
         import torch
-        from tritonbn import plans
+        from tritonbn import plans, views
         from tritonbn.autotune import Cache, Problem, Tuner
         def boom(*args):
             raise AssertionError("timed again in a new process")
         x = torch.empty(6, 3, 4, 5, device={device!r})
-        _, view, _ = plans.canonical(x)
+        _, view, _ = views.canonical(x)
         problem = Problem("forward", view.N, view.C, view.S, view.channel_inner, x.dtype, x.device)
         tuner = Tuner(Cache(shipped=False), timer=boom)
         print(tuner.choose(problem, trial=boom).to_dict())

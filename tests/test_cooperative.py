@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonbn import counters, kernels, launch, plans
+from tritonbn import counters, kernels, launch, plans, views
 from tritonbn.kernels.cooperative import claim_shares, depart, wait_or_hand_over
 from tritonbn.autotune import LaunchConfig, Problem, heuristic
 from tritonbn.autotune import config as config_module
@@ -76,7 +76,7 @@ def test_heuristic_cooperative_configs_are_valid_and_co_resident(h100, op, chann
         cfg.validate(problem)
         assert 2 <= cfg.split_n * cfg.split_s <= 132
         assert cfg.block_n * cfg.block_c * cfg.block_s <= config_module._cooperative_limit(problem)
-        view = plans.View(problem.N, problem.C, problem.S, channel_inner)
+        view = views.View(problem.N, problem.C, problem.S, channel_inner)
         group, groups = plans.cooperative_grid(view, cfg, GPU)
         assert group * groups <= 132
     assert chosen
@@ -105,7 +105,7 @@ def test_config_validation_names_the_problem():
 def test_a_group_larger_than_the_gpu_is_refused(monkeypatch):
     """Its programs could not all be resident: a wait would never end."""
     monkeypatch.setattr(config_module, "_sm_count", lambda *args: 4)
-    view = plans.View(10, 3, 1, True)
+    view = views.View(10, 3, 1, True)
     with pytest.raises(ValueError, match="must all be resident"):
         plans.cooperative_grid(view, LaunchConfig("cooperative", 2, 1, 1, split_n=5), GPU)
     assert plans.cooperative_grid(view, LaunchConfig("cooperative", 5, 1, 1, split_n=2), GPU) == (2, 2)

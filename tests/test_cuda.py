@@ -128,7 +128,7 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
     share to the merger while others race it for the same shares (the claim
     CAS). Forward and backward must equal the normal waits' results bit for
     bit, whichever way each race goes."""
-    from tritonbn import plans
+    from tritonbn import plans, views
     from tritonbn.autotune import heuristic, override
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     if channels_last:
@@ -136,7 +136,7 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
     C = shape[1]
     weight, bias = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
     grad_out = torch.randn_like(x)
-    _, view, _ = plans.canonical(x)
+    _, view, _ = views.canonical(x)
     configs = {op: heuristic(plans.problem(op, view, x)) for op in ("forward", "backward")}
     assert "cooperative" in {c.regime for c in configs.values()}, configs
 

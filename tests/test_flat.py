@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import launch, plans
+from tritonbn import launch, plans, views
 from tritonbn.autotune import LaunchConfig, Problem, heuristic, override
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import suite
@@ -104,8 +104,8 @@ def test_fused_residual_and_relu(device, channels_last, dtype):
 
 
 def _rows_fit(t):
-    _, view, _ = plans.canonical(t)
-    return plans.flat_row_stride(t, view) is not None
+    _, view, _ = views.canonical(t)
+    return views.flat_row_stride(t, view) is not None
 
 
 def test_tensors_that_are_not_rows_take_the_split_regime(device):
@@ -129,10 +129,10 @@ def test_tensors_that_are_not_rows_take_the_split_regime(device):
     residual = base[:, ::2]  # fits the view, but its channels are not adjacent
     assert _rows_fit(base[:, :6]), "a channel prefix is rows of 6 channels, 12 apart"
     weight, bias, running_mean, running_var = _parameters(6, device)
-    _, view, fmt = plans.canonical(x)
+    _, view, fmt = views.canonical(x)
     plan = plans.forward_plan(x, view, fmt, flat(), training=False, weight=weight, bias=bias, update=False,
                               momentum=None, eps=1e-5, residual=residual,
-                              r_strides=plans.strides_in(residual, view), relu=True)
+                              r_strides=views.strides_in(residual, view), relu=True)
     assert plan.regime == "split"
     ours = tritonbn.batch_norm_relu(x, running_mean, running_var, weight, bias, False, residual=residual)
     reference, _, _ = reference_batch_norm(x, running_mean, running_var, weight, bias, False, 0.1, 1e-5)
@@ -142,7 +142,7 @@ def test_tensors_that_are_not_rows_take_the_split_regime(device):
 
 def test_heuristic_on_cpu_is_flat_and_plans_are_flat(device):
     x = torch.randn(4, 6, 5, 5, device=device)
-    _, view, fmt = plans.canonical(x)
+    _, view, fmt = views.canonical(x)
     problem = plans.problem("inference", view, x)
     cfg = heuristic(problem)
     assert cfg.regime == "flat"

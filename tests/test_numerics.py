@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import launch, plans
+from tritonbn import launch, plans, views
 from tritonbn.autotune import LaunchConfig, override
 from reference import flat, resident, split
 
@@ -100,7 +100,7 @@ def test_the_backward_divides_by_the_exact_count(regime):
     import numpy as np
     m = 2 ** 24 + 5
     x = torch.empty((m // 3, 2, 3), dtype=torch.float64, device="meta")  # m = 3 * 5592407
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     cfg = split(block_n=64, block_s=8) if regime == "split" else \
         LaunchConfig("cooperative", 1024, 1, 8, split_n=-(-view.N // 1024), split_s=1)
     plan = plans.backward_plan(x, x, view, fmt, cfg, training=True, weight=None, output_mask=(True, False, False),

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import plans
+from tritonbn import plans, views
 from tritonbn.autotune import LaunchConfig, override
 
 
@@ -286,8 +286,8 @@ def test_vector_width_promises_only_what_the_data_allows():
     """VEC values along S load at once only where S, the N and C strides and
     every tensor's start allow it; otherwise narrower, down to 1."""
     def vec(t, *others):
-        _, view, _ = plans.canonical(t)
-        return plans.vector_width(view, t, *others)
+        _, view, _ = views.canonical(t)
+        return views.vector_width(view, t, *others)
     fp32 = torch.empty(2, 3, 14, 14, device="meta")
     assert vec(fp32) == 4                                    # 16 bytes
     assert vec(fp32.to(torch.bfloat16)) == 4                 # 196 % 8 != 0: 8 bytes

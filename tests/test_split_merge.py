@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.kernel_report import recording
-from tritonbn import counters, distributed, kernels, launch, plans
+from tritonbn import counters, distributed, kernels, launch, plans, views
 from reference import assert_matches_reference, reference_batch_norm, reference_grads, split
 
 # C=5 in blocks of 2: three channel blocks, the last half masked; S=21 in tiles
@@ -29,7 +29,7 @@ def _inputs(dtype, layout, shift=0.0):
 
 def _forward_three_launches(x, weight, bias, running_mean, running_var, nbt, momentum, eps):
     """The forward as stats (MERGE=False), bn_fwd_merge_kernel, normalize."""
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     p = plans.forward_plan(x, view, fmt, CONFIG, training=True, weight=weight, bias=bias,
                            update=running_mean is not None, momentum=momentum, eps=eps, residual=None,
                            r_strides=(0, 0, 0), relu=False)
@@ -49,8 +49,8 @@ def _forward_three_launches(x, weight, bias, running_mean, running_var, nbt, mom
 
 def _backward_three_launches(grad_out, x, weight, save_mean, save_invstd, bias_dtype):
     """The training backward as sums (REDUCE=False), bn_bwd_reduce_kernel, dx."""
-    x, view, fmt = plans.canonical(x)
-    grad_out, _ = plans.conform(grad_out, view, fmt)
+    x, view, fmt = views.canonical(x)
+    grad_out, _ = views.conform(grad_out, view, fmt)
     p = plans.backward_plan(grad_out, x, view, fmt, CONFIG, training=True, weight=weight,
                             output_mask=(True, True, True), bias_dtype=bias_dtype, output=None,
                             residual_grad=False, relu_from_input=False, has_bias=False)

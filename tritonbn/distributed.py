@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import kernels, launch, plans
+from . import kernels, launch, plans, views
 from .autotune import LaunchConfig, choose_config
 from .autotune.config import heuristic, next_power_of_2
 from .checks import check_inputs
 from .ops import mark_updated
-from .plans import View, acc_dtype, conform, dense, output_format
+from .views import View, acc_dtype, conform, dense, output_format
 
 
 # ---------------------------------------------------------------- launches
@@ -47,7 +47,7 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     merged = torch.zeros((3, x.shape[1]), dtype=acc, device=x.device)
     if x.numel() == 0:
         return merged
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     cfg = _split_config("forward", view, x)
     grid, _, _ = plans.grid_split(view, cfg)
     num_splits = grid[1] * grid[2]
@@ -92,7 +92,7 @@ def forward_training_from_stats(x, stats, weight, bias, running_mean, running_va
                block_c=min(next_power_of_2(channels), 128))
         outputs = y, save_mean, save_invstd
     else:
-        x, view, fmt = plans.canonical(x)
+        x, view, fmt = views.canonical(x)
         weight, bias = dense(weight), dense(bias)
         p = plans.forward_plan(x, view, fmt, _split_config("forward", view, x), training=True, weight=weight,
                                bias=bias, update=running_mean is not None, momentum=momentum, eps=eps,
@@ -103,7 +103,7 @@ def forward_training_from_stats(x, stats, weight, bias, running_mean, running_va
 
 
 def _sync_backward_plan(grad_out, x, weight, output_mask, bias_dtype, partials_given: bool):
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     grad_out, _ = conform(grad_out, view, fmt)
     p = plans.backward_plan(grad_out, x, view, fmt, _split_config("backward", view, x), training=True,
                             weight=weight, output_mask=output_mask, bias_dtype=bias_dtype, output=None,

@@ -1,24 +1,13 @@
-"""Kernel launchers: canonical views, output allocation, config choice, launch.
+"""Kernel launchers: canonical view, plan, allocate, launch.
 
-Every input (N, C, *spatial) is read through one canonical (N, C, S) view
-without copying (kernels/common.py):
-
-- channel-strided: the spatial dims collapse to one run of stride 1 (NCHW,
-  NCDHW, NCL contiguous, batch or channel slices of them);
-- channel-inner: the channel stride is 1 and the spatial dims collapse to one
-  strided run (channels_last, channels_last_3d, 2-D (N, C), slices of them).
-
-Outputs take the memory format PyTorch's batch_norm gives them
-(``suggest_memory_format`` of the input). An input no view fits (a spatial
-transpose, a channels-last 1-D tensor, a transposed 2-D tensor) is copied once
-into that format with ``.contiguous``; so is a gradient whose layout differs
-from the input's.
-
-Each public launcher first looks up the call's launch plan
-(tritonbn.plans: view, config, grids, arguments, computed once per call key);
-on a miss it builds the plan (choosing, or tuning, the config) and caches it
-where the call used its tensors as they are. ``run_forward`` /
-``run_backward`` then allocate the outputs and launch.
+Each public launcher reads its input through one canonical (N, C, S) view
+(tritonbn.views; an input no view fits is copied once into the output's
+format, and so is a gradient whose layout differs from the input's), then
+looks up the call's launch plan (tritonbn.plans: view, config, grids,
+arguments, computed once per call key); on a miss it builds the plan
+(choosing, or tuning, the config) and caches it where the call used its
+tensors as they are. ``run_forward`` / ``run_backward`` then allocate the
+outputs, in the memory format PyTorch's batch_norm gives them, and launch.
 
 These functions assume validated arguments (tritonbn.ops checks them) and a
 non-empty input.
@@ -29,10 +18,11 @@ import functools
 
 import torch
 
-from . import counters, plans
+from . import counters, plans, views
 from .launcher import launch
 from .autotune import LaunchConfig
-from .plans import BackwardPlan, ForwardPlan, acc_dtype, conform, dense, output_format
+from .plans import BackwardPlan, ForwardPlan
+from .views import acc_dtype, conform, dense, output_format
 
 __all__ = ["acc_dtype", "backward", "forward_inference", "forward_training", "output_format",
            "run_backward", "run_forward", "write_back"]
@@ -71,7 +61,7 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
             return run_forward(found, x, weight, bias, running_mean, running_var, num_batches_tracked,
                                residual)
     given = (x, weight, bias, running_mean, running_var, residual)
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     weight, bias = dense(weight), dense(bias)
     running = [dense(t) for t in (running_mean, running_var)]
     residual, r_strides = (None, (0, 0, 0)) if residual is None else conform(residual, view, fmt)
@@ -105,7 +95,7 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
             return run_forward(found, x, weight, bias, running_mean, running_var, None, residual,
                                keep_stats=keep_stats)
     given = (x, weight, bias, running_mean, running_var, residual)
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     weight, bias, running_mean, running_var = (dense(t) for t in (weight, bias, running_mean, running_var))
     residual, r_strides = (None, (0, 0, 0)) if residual is None else conform(residual, view, fmt)
     build = _memoized(functools.partial(
@@ -171,7 +161,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
 
 
 def write_back(buffers, dense_copies) -> None:
-    """Strided running stats are updated in dense copies (plans.dense): copy those back."""
+    """Strided running stats are updated in dense copies (views.dense): copy those back."""
     for buffer, updated in zip(buffers, dense_copies):
         if updated is not buffer:
             buffer.copy_(updated)
@@ -203,7 +193,7 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
         if found:
             return run_backward(found, grad_out, x, weight, save_mean, save_invstd, output, bias)
     given = (grad_out, x, weight, save_mean, save_invstd, output, bias)
-    x, view, fmt = plans.canonical(x)
+    x, view, fmt = views.canonical(x)
     grad_out, _ = conform(grad_out, view, fmt)
     output = None if output is None else conform(output, view, fmt)[0]
     weight, save_mean, save_invstd, bias = (dense(t) for t in (weight, save_mean, save_invstd, bias))
