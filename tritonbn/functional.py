@@ -16,7 +16,8 @@ from torch.autograd import forward_ad
 
 from .checks import (check_mode, check_rank, check_residual, check_running_stats_tangents, check_training_flag,
                      check_types)
-from .ops import BatchNormFunction, EagerBatchNormFunction, planned_forward
+from .ops import BatchNormFunction, EagerBatchNormFunction
+from .planned import planned_forward
 
 
 def batch_norm(
