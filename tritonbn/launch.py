@@ -121,7 +121,7 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
         kernel = "bn_inference_flat_kernel" if p.regime == "flat" else "bn_inference_kernel"
         if not keep_stats:  # the most frequent call of all: launch() inlined
             (p.launches.get("inference, no stats") or launch(p, "inference, no stats", kernel, p.grid,
-                                                               p.stats_free_args))(
+                                                               p.args_without_stats))(
                 x, y, r, x if weight is None else weight, x if bias is None else bias, running_mean,
                 running_var, x, x)
             return y, None, None

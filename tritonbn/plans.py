@@ -166,9 +166,9 @@ class ForwardPlan:
     num_splits: int = 1
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
     num_flags: int = 0            # the cooperative regime's int32 counters (counters.zeroed)
-    stats_free_args: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
+    args_without_stats: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
-    backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.ops)
+    backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.planned)
     autograd: tuple | None = None  # what tritonbn.ops' planned autograd Function keeps per plan
 
 
@@ -214,7 +214,7 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     if not training:
         args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
                     STORE_STATS=True)
-        plan.stats_free_args = dict(args, STORE_STATS=False)
+        plan.args_without_stats = dict(args, STORE_STATS=False)
         return plan
     if cfg.regime in ("resident", "cooperative"):
         momentum_hi, momentum_lo = hi_lo(0.0 if momentum is None else momentum)
@@ -269,7 +269,7 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
     grid = (cdiv(length, cfg.block_s), cdiv(rows, rows_per_split))
     size, stride = tuple(y_meta.shape), y_meta.stride()
     return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args,
-                       like_input=allocated_like(x, stride), stats_free_args=dict(args, STORE_STATS=False))
+                       like_input=allocated_like(x, stride), args_without_stats=dict(args, STORE_STATS=False))
 
 
 # How long a cooperative program waits for its channel block's flag before it
