@@ -169,7 +169,7 @@ class ForwardPlan:
     args_without_stats: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
     backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.planned)
-    autograd: tuple | None = None  # what tritonbn.ops' planned autograd Function keeps per plan
+    autograd: tuple | None = None  # what tritonbn.planned's autograd Function keeps per plan
 
 
 def merge_args(num_splits: int, block_c: int, stats_dtype: torch.dtype, *, momentum, eps: float,
