@@ -9,8 +9,8 @@ arguments, computed once per call key); on a miss it builds the plan
 tensors as they are. ``run_forward`` / ``run_backward`` then allocate the
 outputs, in the memory format PyTorch's batch_norm gives them, and launch.
 
-These functions assume validated arguments (tritonbn.checks, called before them) and a
-non-empty input.
+These functions assume validated arguments (tritonbn.checks runs before
+them) and a non-empty input.
 """
 from __future__ import annotations
 
