@@ -2,8 +2,9 @@
 thread per interpreted program, the atomics atomic), so that what only a GPU
 otherwise shows happens here: cooperative members waiting for each other,
 waits that end with the flag up, shares handed over to the merger, hand-overs
-that find their share already claimed, arrivals in every order; and the split
-regime's last arrival merging while others still run.
+that find their share already claimed, arrivals in every order, the GPU's
+timed wait (on the host's clock); and the split regime's last arrival
+merging while others still run.
 
 Each run is compared bit for bit with the interpreter's sequential form (the
 cooperative regime's two launches, PHASE 1 then 2; the split regime run
@@ -14,6 +15,7 @@ reorder memory as a GPU does: test_ptx_ordering checks the ordering.)
 """
 import itertools
 import sys
+import time
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ from tritonbn import counters, kernels, launch, plans
 from tritonbn.autotune import LaunchConfig
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import in_layout
+from tritonbn.kernels import cooperative as protocol
 from reference import cooperative
 from threaded import Schedule, concurrent_programs
 
@@ -135,6 +138,8 @@ def _check_cooperative(monkeypatch, layout, schedule, spin_limit, expected=None)
 
 ORDERS = list(itertools.permutations(range(GROUP)))
 ROLES = {0: "flag", 1: "hand", 2: "claim"}
+HAND_ALL = {p: "hand" for p in range(GROUP)}  # every member that does not merge hands its share over
+FLAG_ALL = {p: "flag" for p in range(GROUP)}  # every member that does not merge waits for the flag
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -170,6 +175,32 @@ def test_cooperative_waits_end_with_the_flag_up(three_sms, monkeypatch):
     _check_cooperative(monkeypatch, "contiguous", schedule, spin_limit=plans.COOPERATIVE_SPIN_LIMIT)
     waits = 2 * 3 * (GROUP - 1)  # forward and training backward, three blocks, the members that do not merge
     assert schedule.trace["flag up"] == waits and not schedule.trace["handed over"], schedule.trace
+
+
+@triton.jit
+def _host_clock():
+    """The interpreter's stand-in for the GPU's %globaltimer: the host's
+    monotonic clock, in nanoseconds."""
+    return tl.full((), time.monotonic_ns(), tl.int64)
+
+
+@pytest.mark.parametrize("roles,budget_ns,outcome", [(None, 10**10, "flag up"), ("hand", 2_000_000, "handed over")],
+                         ids=["flag-within-budget", "budget-spent"])
+def test_timed_waits(three_sms, monkeypatch, roles, budget_ns, outcome):
+    """The GPU's wait (TIMED_WAIT: a budget in nanoseconds of a clock, here
+    the host's in place of the global timer): members poll until the flag
+    is up within a long budget, or, with the merger held until they hand
+    over, until a 2 ms budget is spent."""
+    expected = _cooperative_calls("contiguous")
+    monkeypatch.setattr(protocol, "globaltimer", _host_clock)
+    _phase_zero(monkeypatch, spin_limit=0)
+    monkeypatch.setattr(plans, "cooperative_launch", lambda: dict(wait_limit=budget_ns, TIMED_WAIT=True))
+    schedule = Schedule(roles=HAND_ALL if roles == "hand" else None, seed=4)
+    with concurrent_programs(schedule):
+        got = _cooperative_calls("contiguous")
+    _assert_same(got, expected)
+    waits = 2 * 3 * (GROUP - 1)  # forward and training backward, three blocks, the members that do not merge
+    assert schedule.trace[outcome] == waits, schedule.trace
 
 
 def _split_calls(layout):
@@ -212,10 +243,6 @@ def _no_claim(State, member, GROUP: tl.constexpr, MEMBERS: tl.constexpr):
 @triton.jit
 def _no_flag(Done):
     tl.debug_barrier()
-
-
-HAND_ALL = {p: "hand" for p in range(GROUP)}  # every member that does not merge hands its share over
-FLAG_ALL = {p: "flag" for p in range(GROUP)}  # every member that does not merge waits for the flag
 
 
 @pytest.mark.parametrize("name,mutant,roles,failure", [
