@@ -15,8 +15,8 @@ flag; the others wait for the flag and read those statistics. The grid is at
 most one program per SM and is launched as a cooperative grid
 (tritonbn/plans.py), which the driver starts only when all its programs can
 be resident at once, so a wait ends within microseconds. Should one still
-take longer than its budget (tens of microseconds of the GPU's global timer;
-a poll count under the interpreter, which has no timer), the program hands
+take longer than its budget (tens of microseconds of the GPU's global timer,
+or a poll count: tritonbn/plans.py, cooperative_launch), the program hands
 its share to the merger (wait_or_hand_over, claim_shares): the merger reads
 that share again and finishes it with the same statistics, so results do
 not change and no program waits for one that cannot run.
@@ -28,7 +28,6 @@ states, and the last to leave resets them.
 """
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import globaltimer
 
 # Share states, one int32 per (channel block, member), zero at launch:
 HANDED_OVER = tl.constexpr(1)  # the member gave up waiting: the merger finishes its share
@@ -60,10 +59,19 @@ def raise_flag(Done):
 
 
 @triton.jit
+def clock_ns():
+    """The low 32 bits of the GPU's global nanosecond timer (%globaltimer_lo):
+    the difference of two readings is right across its wrap up to 2 s, and
+    32 bits keep the wait's registers as few as a poll counter's."""
+    return tl.inline_asm_elementwise("mov.u32 $0, %globaltimer_lo;", "=r", [], dtype=tl.int32, is_pure=False,
+                                     pack=1)
+
+
+@triton.jit
 def wait_or_hand_over(Done, State, wait_limit, TIMED_WAIT: tl.constexpr):
     """Poll Done (acquire) until it is up or the wait's budget is spent:
     wait_limit nanoseconds of the GPU's global timer (TIMED_WAIT), else
-    wait_limit polls after the first (the interpreter, which has no timer).
+    wait_limit polls after the first.
     True: the flag is up and the statistics are readable. False: this
     program handed its share over (State 0 -> HANDED_OVER) and must skip
     it; the merger, which claims every share after raising the flag,
@@ -71,9 +79,9 @@ def wait_or_hand_over(Done, State, wait_limit, TIMED_WAIT: tl.constexpr):
     CLAIMED), the flag is up: True."""
     seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
     if TIMED_WAIT:
-        start = globaltimer()
+        deadline = clock_ns() + wait_limit
         while seen == 0:
-            if globaltimer() - start < wait_limit:
+            if clock_ns() - deadline < 0:  # before the deadline, across the timer's wrap
                 seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
             else:
                 seen = -1  # given up

@@ -179,8 +179,8 @@ def test_cooperative_waits_end_with_the_flag_up(three_sms, monkeypatch):
 
 @triton.jit
 def _host_clock():
-    """The interpreter's stand-in for the GPU's %globaltimer: the host's
-    monotonic clock, in nanoseconds."""
+    """The interpreter's stand-in for the GPU's global timer
+    (cooperative.clock_ns): the host's monotonic clock, in nanoseconds."""
     return tl.full((), time.monotonic_ns(), tl.int64)
 
 
@@ -192,7 +192,7 @@ def test_timed_waits(three_sms, monkeypatch, roles, budget_ns, outcome):
     is up within a long budget, or, with the merger held until they hand
     over, until a 2 ms budget is spent."""
     expected = _cooperative_calls("contiguous")
-    monkeypatch.setattr(protocol, "globaltimer", _host_clock)
+    monkeypatch.setattr(protocol, "clock_ns", _host_clock)
     _phase_zero(monkeypatch, spin_limit=0)
     monkeypatch.setattr(plans, "cooperative_launch", lambda: dict(wait_limit=budget_ns, TIMED_WAIT=True))
     schedule = Schedule(roles=HAND_ALL if roles == "hand" else None, seed=4)

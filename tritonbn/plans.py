@@ -30,6 +30,7 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
+import triton
 import triton.language as tl
 
 from . import autotune
@@ -274,20 +275,25 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
 
 # How long a cooperative program waits for its channel block's flag before it
 # hands its share to the merger (kernels/cooperative.py: wait_or_hand_over):
-# on a GPU 50 us of its global timer, where a co-resident group's wait takes a
-# few; under the interpreter, which has no timer, a number of polls.
+# 50 us of the GPU's global timer, where a co-resident group's wait takes a
+# few; a number of polls under the interpreter, which has no timer, and with
+# triton 3.6, whose sm_90 build of the fused forward (ReLU, fp32) spills 8
+# bytes with the timer (python -m bench.traffic; tests/test_sm90_compile.py).
 COOPERATIVE_WAIT_NS = 50_000
 COOPERATIVE_SPIN_LIMIT = 1 << 14
+_TIMED_WAIT = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 7)
 
 
 def cooperative_launch() -> dict:
     """The cooperative kernels' wait budget and launch option: on a GPU a
-    timed wait, and a cooperative grid (launch_cooperative_grid: the driver
-    starts it only with all its programs resident at once, so no member
-    waits for one that is not scheduled); under the interpreter polls."""
+    cooperative grid (launch_cooperative_grid: the driver starts it only with
+    all its programs resident at once, so no member waits for one that is
+    not scheduled) and a timed wait; under the interpreter polls."""
     from . import kernels
     if kernels.INTERPRETED:
         return dict(wait_limit=COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=False)
+    if not _TIMED_WAIT:
+        return dict(wait_limit=COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=False, launch_cooperative_grid=True)
     return dict(wait_limit=COOPERATIVE_WAIT_NS, TIMED_WAIT=True, launch_cooperative_grid=True)
 
 
