@@ -45,21 +45,13 @@ def _count_kernel(Counter, Out, n):
 
 
 @triton.jit
-def _meet_kernel(Flag, Out, spin_limit):
-    """Program 1 waits for program 0's flag: run one after another, the wait
-    gives up; at once, it ends with the flag up."""
-    if tl.program_id(0) == 0:
-        tl.atomic_xchg(Flag, 1, sem="release", scope="gpu")
+def _meet_kernel(Flag, State, Out):
+    """Program 0 waits, with no polls to spare, for the flag program 1 raises:
+    run one after another, it gives up; at once, its wait ends with the flag up."""
+    if tl.program_id(0) == 1:
+        protocol.raise_flag(Flag)
     else:
-        seen = tl.atomic_add(Flag, 0, sem="acquire", scope="gpu")
-        spins = spin_limit
-        while seen == 0:
-            if spins > 0:
-                seen = tl.atomic_add(Flag, 0, sem="acquire", scope="gpu")
-                spins -= 1
-            else:
-                seen = -1
-        tl.store(Out, seen)
+        tl.store(Out, protocol.wait_or_hand_over(Flag, State, 0, False).to(tl.int32))
 
 
 def test_programs_run_at_once_with_atomic_atomics():
@@ -67,11 +59,13 @@ def test_programs_run_at_once_with_atomic_atomics():
     with concurrent_programs(Schedule(pause=0.5)):
         _count_kernel[(8,)](counter, out, 50)
     assert counter.item() == 400 and out.tolist() == list(range(1, 9))
-    # program 1 first, then 0: sequentially the wait gives up; in threads it sees the flag
-    flag, seen = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
-    with concurrent_programs(Schedule(roles={1: "flag"})) as schedule:
-        _meet_kernel[(2,)](flag, seen, 0)
-    assert seen.item() == 1 and schedule.trace["flag up"] == 1
+    flags, went_on = torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    _meet_kernel[(2,)](flags, flags[1:], went_on)
+    assert went_on.item() == 0 and flags.tolist() == [1, protocol.HANDED_OVER.value]
+    flags.zero_()
+    with concurrent_programs(Schedule(roles={0: "flag"})) as schedule:
+        _meet_kernel[(2,)](flags, flags[1:], went_on)
+    assert went_on.item() == 1 and flags.tolist() == [1, 0] and schedule.trace["flag up"] == 1
 
 
 @pytest.fixture(autouse=True)
