@@ -15,7 +15,6 @@ all-reduces parameter gradients, as with torch.nn.SyncBatchNorm.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -26,6 +25,7 @@ from . import kernels, launch, plans, views
 from .autotune import LaunchConfig, choose_config
 from .autotune.config import heuristic, next_power_of_2
 from .checks import check_inputs
+from .launcher import on_device
 from .ops import mark_updated
 from .views import View, acc_dtype, conform, dense, output_format
 
@@ -34,12 +34,6 @@ from .views import View, acc_dtype, conform, dense, output_format
 # The split kernels with the statistics merged across processes in between.
 # Always the split regime; the tuner is not asked to time candidates, since a
 # trial cannot run collectives.
-
-def _on_device(t: torch.Tensor):
-    """t's CUDA device made current around a kernel[grid] launch (Triton
-    launches on the current device); the plans' launches guard themselves."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
 
 def _split_config(op: str, view: View, x: torch.Tensor) -> LaunchConfig:
     problem = plans.problem(op, view, x)
@@ -60,7 +54,7 @@ def local_stats(x: torch.Tensor) -> torch.Tensor:
     num_splits = grid[1] * grid[2]
     partials = torch.empty((3, num_splits, view.C), dtype=acc, device=x.device)
     # no merge in the kernel (MERGE=False): the triples are all-gathered first
-    with _on_device(x):
+    with on_device(x.device):  # a kernel[grid] launch: on the current device
         kernels.bn_fwd_stats_kernel[grid](x, partials, partials, partials, partials, partials, partials,
                                           partials, **plans.stats_args(x, view, cfg, num_splits, momentum=0.0,
                                                                        eps=0.0, update=False, merge=False))
@@ -75,7 +69,7 @@ def _merge(partials, merged, save_mean, save_invstd, running_mean, running_var, 
     channels, num_splits = partials.shape[2], partials.shape[1]
     dummy = partials
     update = running_mean is not None
-    with _on_device(partials):
+    with on_device(partials.device):
         kernels.bn_fwd_merge_kernel[(-(-channels // block_c),)](
             partials, dummy if merged is None else merged,
             dummy if save_mean is None else save_mean, dummy if save_invstd is None else save_invstd,

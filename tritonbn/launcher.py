@@ -31,9 +31,11 @@ The launcher's signature is the same in every Triton this supports
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
+import torch
 import triton
 
 from . import kernels
@@ -124,6 +126,16 @@ class Launch:
                 driver.set_current_device(current)
 
 
+def on_device(device: torch.device):
+    """A context with ``device`` the current CUDA device, for work outside a
+    Launch that runs on the current one: a ``kernel[grid](...)`` launch,
+    CUDA events, the tuner's L2 flush. Nothing to do off CUDA or where the
+    device is current already."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _device_of(tensors) -> int | None:
     """The index of the CUDA device the launch's tensors are on; for CPU
     tensors, which reach here only under bench/standin.py's stand-in driver,
@@ -190,7 +202,6 @@ class _CurrentDevice:
     __slots__ = ("get_current_device", "set_current_device", "get_current_stream")
 
     def __init__(self, driver):
-        import torch
         device = driver.get_current_device
         self.get_current_device = torch._C._cuda_getDevice if device is torch.cuda.current_device else device
         self.set_current_device = driver.set_current_device

@@ -16,7 +16,6 @@ the outputs are those of an untuned call with the winning config.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -31,6 +30,7 @@ from typing import Callable, Sequence
 import torch
 import triton
 
+from ..launcher import on_device
 from .cache import Cache
 from .config import LaunchConfig, Problem, candidates, cooperative_enabled, heuristic
 
@@ -143,7 +143,7 @@ class Tuner:
         space = candidates(problem)
         started = time.perf_counter()
         log.info("tuning %s: %d candidate configs", problem_key(problem), len(space))
-        with _on_device(problem.device):
+        with on_device(problem.device):  # CUDA events and the L2 flush run on the current device
             reference_cfg = reference_config(problem)
             reference = trial(reference_cfg)
             timed: list[tuple[float, int, LaunchConfig]] = []
@@ -211,11 +211,3 @@ def _reject_once(problem: Problem, config: LaunchConfig, why: str) -> None:
     if key not in _rejected:
         _rejected.add(key)
         log.warning("tuning %s: rejected %s: %s", problem_key(problem), config, why)
-
-
-def _on_device(device: torch.device):
-    """The problem's device current while its candidates run and are timed
-    (CUDA events and the L2 flush are on the current device)."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
