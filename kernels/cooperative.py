@@ -78,6 +78,8 @@ def wait_or_hand_over(Done, State, wait_limit, TIMED_WAIT: tl.constexpr):
     finishes it. If the merger claimed this share first (State was
     CLAIMED), the flag is up: True."""
     seen = tl.atomic_add(Done, 0, sem="acquire", scope="gpu")
+    # two loops, not one over a shared budget variable: with triton 3.6 that
+    # form spills 8 bytes in bn_fwd_coop_kernel's poll-count build (sm_90)
     if TIMED_WAIT:
         deadline = clock_ns() + wait_limit
         while seen == 0:

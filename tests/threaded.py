@@ -46,6 +46,7 @@ import time
 from collections import Counter, defaultdict
 
 import triton.language as tl  # noqa: F401 -- the interpreter patches the triton.language it finds in globals
+from triton._C.libtriton import ir
 from triton.runtime import interpreter
 
 HANDED_OVER, CLAIMED = 1, 2
@@ -149,7 +150,6 @@ class Schedule:
 
 
 def _classify_rmw(op, val):
-    from triton._C.libtriton import ir
     values = val.data.ravel()
     if values.size != 1:
         return None
@@ -178,27 +178,25 @@ def concurrent_programs(schedule: Schedule | None = None):
     executor_call = interpreter.GridExecutor.__call__
     rmw, cas = builder.create_atomic_rmw, builder.create_atomic_cas
 
-    def create_atomic_rmw(op, ptr, val, mask, sem, scope):
+    def gated(kind, ptr, atomic):
+        """The atomic, with the schedule's gate before and its record after
+        where it is one of the protocol's (kind not None)."""
+        if kind is None:
+            return atomic()
         address = int(ptr.data.ravel()[0])
-        kind = schedule.classify(_classify_rmw(op, val), address)
-        if kind:
-            schedule.before(kind, address)
-        result = rmw(op, ptr, val, mask, sem, scope)
-        if kind:
-            schedule.after(kind, address, int(result.data.ravel()[0]))
+        schedule.before(kind, address)
+        result = atomic()
+        schedule.after(kind, address, int(result.data.ravel()[0]))
         if kind == "poll" and int(result.data.ravel()[0]) == 0:
             time.sleep(0)  # a spinning program lets the others run
         return result
 
+    def create_atomic_rmw(op, ptr, val, mask, sem, scope):
+        kind = schedule.classify(_classify_rmw(op, val), int(ptr.data.ravel()[0]))
+        return gated(kind, ptr, lambda: rmw(op, ptr, val, mask, sem, scope))
+
     def create_atomic_cas(ptr, cmp, val, sem, scope):
-        kind = _classify_cas(val)
-        address = int(ptr.data.ravel()[0])
-        if kind:
-            schedule.before(kind, address)
-        result = cas(ptr, cmp, val, sem, scope)
-        if kind:
-            schedule.after(kind, address, int(result.data.ravel()[0]))
-        return result
+        return gated(_classify_cas(val), ptr, lambda: cas(ptr, cmp, val, sem, scope))
 
     def threaded_call(self, *args, **kwargs):
         fn = self.fn
@@ -222,7 +220,6 @@ def concurrent_programs(schedule: Schedule | None = None):
             if index == (nx - 1, ny - 1, nz - 1):
                 for thread in threads:
                     thread.join()
-                local.grid_idx = index
                 if errors:
                     raise errors[0]
 
