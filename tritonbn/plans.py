@@ -292,9 +292,8 @@ def cooperative_launch() -> dict:
     from . import kernels
     if kernels.INTERPRETED:
         return dict(wait_limit=COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=False)
-    if not _TIMED_WAIT:
-        return dict(wait_limit=COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=False, launch_cooperative_grid=True)
-    return dict(wait_limit=COOPERATIVE_WAIT_NS, TIMED_WAIT=True, launch_cooperative_grid=True)
+    return dict(wait_limit=COOPERATIVE_WAIT_NS if _TIMED_WAIT else COOPERATIVE_SPIN_LIMIT, TIMED_WAIT=_TIMED_WAIT,
+                launch_cooperative_grid=True)
 
 
 def hand_over_piece(cfg: LaunchConfig, itemsize: int) -> dict:
