@@ -55,8 +55,10 @@ try:
     from triton import knobs as _knobs
     _RUNTIME = _knobs.runtime
     _HOOKS = (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook)
+    _HOOK_CALLS = (_HOOKS[0].calls, _HOOKS[1].calls)  # each chain's list, changed in place
 except (ImportError, AttributeError):  # pragma: no cover - a triton without knobs
-    _RUNTIME, _HOOKS = None, None
+    _RUNTIME, _HOOKS, _HOOK_CALLS = None, None, ([], [])
+_ENTER_CALLS, _EXIT_CALLS = _HOOK_CALLS
 
 # Whether launches may bypass Triton's dispatch (the interpreter's kernels are
 # not JITFunctions: tritonbn.kernels turns this off under it).
@@ -79,34 +81,34 @@ class Launch:
         self.grid = grid
         self.kwargs = kwargs
         self.kernel = None  # the kernel the direct launch was prepared for
-        # once known: (launcher, function, packed metadata, tail, device, grid, driver, C entry or None)
+        # once known (_prepare): (launcher, grid_0, grid_1, grid_2, function, packed metadata, tail,
+        # device, the driver's get_current_device, set_current_device, get_current_stream, C entry or None)
         self.direct = None
 
     def __call__(self, *tensors) -> None:
         kernel = getattr(kernels, self.name)
         direct = self.direct
         if (direct is not None and kernel is self.kernel and enabled and not kernel.pre_run_hooks
-                and _RUNTIME.launch_enter_hook is _HOOKS[0] and _RUNTIME.launch_exit_hook is _HOOKS[1]
-                and not _HOOKS[0].calls and not _HOOKS[1].calls):  # Triton's launch hooks: its empty chains
-            run, function, packed, tail, device, (g0, g1, g2), driver, entry = direct
-            current = driver.get_current_device()
+                and not _ENTER_CALLS and not _EXIT_CALLS  # Triton's launch hooks: its empty chains
+                and _RUNTIME.launch_enter_hook is _HOOKS[0] and _RUNTIME.launch_exit_hook is _HOOKS[1]):
+            run, g0, g1, g2, function, packed, tail, device, get_device, set_device, get_stream, entry = direct
+            current = get_device()
             if current != device:  # the tensors' device, current for this launch only
-                driver.set_current_device(device)
+                set_device(device)
             try:
-                stream = driver.get_current_stream(device)
                 if entry is None:
-                    run(g0, g1, g2, stream, function, packed, None, None, None, *tensors, *tail)
-                elif entry[0]:  # triton 3.7-3.9: the arguments as one tuple
-                    _, launch_c, cooperative, pdl, annotations, signature = entry
-                    launch_c(g0, g1, g2, stream, function, cooperative, pdl, packed, None, None, None, None, None,
-                             annotations, signature, (*tensors, *tail))
-                else:  # triton 3.6: scratch before the metadata, the arguments flat
-                    _, launch_c, cooperative, pdl = entry
-                    launch_c(g0, g1, g2, stream, function, cooperative, pdl, None, None, packed, None, None, None,
-                             *tensors, *tail)
+                    run(g0, g1, g2, get_stream(device), function, packed, None, None, None, *tensors, *tail)
+                else:
+                    tupled, launch_c, cooperative, pdl, annotations, signature = entry
+                    if tupled:  # triton 3.7-3.9: the arguments as one tuple
+                        launch_c(g0, g1, g2, get_stream(device), function, cooperative, pdl, packed, None, None,
+                                 None, None, None, annotations, signature, (*tensors, *tail))
+                    else:  # triton 3.6: scratch before the metadata, the arguments flat
+                        launch_c(g0, g1, g2, get_stream(device), function, cooperative, pdl, None, None, packed,
+                                 None, None, None, *tensors, *tail)
             finally:
                 if current != device:
-                    driver.set_current_device(current)
+                    set_device(current)
             return
         device = None if kernels.INTERPRETED else _device_of(tensors)
         if device is None:  # the interpreter; meta tensors (a recording tool): no device to launch on
@@ -165,9 +167,9 @@ def _prepare(kernel, compiled, grid, num_tensors: int, kwargs: dict):
         else:  # pragma: no cover - the JIT call above would have raised
             return None
     driver = triton.runtime.driver.active
-    grid = (*grid, 1, 1)[:3]
-    return (compiled.run, compiled.function, compiled.packed_metadata, tuple(tail),
-            driver.get_current_device(), grid, _CurrentDevice(driver), _c_entry(compiled.run))
+    g0, g1, g2 = (*grid, 1, 1)[:3]
+    return (compiled.run, g0, g1, g2, compiled.function, compiled.packed_metadata, tuple(tail),
+            driver.get_current_device(), *_device_functions(driver), _c_entry(compiled.run))
 
 
 def _c_entry(run):
@@ -189,23 +191,19 @@ def _c_entry(run):
         return (True, run.launch, run.launch_cooperative_grid, run.launch_pdl, run.arg_annotations,
                 run.kernel_signature)
     if VERSION == "3.6":
-        return (False, run.launch, run.launch_cooperative_grid, run.launch_pdl)
+        return (False, run.launch, run.launch_cooperative_grid, run.launch_pdl, None, None)
     return None
 
 
-class _CurrentDevice:
+def _device_functions(driver) -> tuple:
     """The driver's get_current_device, set_current_device and
     get_current_stream, with torch's C function for the first where the
     driver's is torch.cuda.current_device (whose Python wrapper initializes
     CUDA: done before any launch)."""
-
-    __slots__ = ("get_current_device", "set_current_device", "get_current_stream")
-
-    def __init__(self, driver):
-        device = driver.get_current_device
-        self.get_current_device = torch._C._cuda_getDevice if device is torch.cuda.current_device else device
-        self.set_current_device = driver.set_current_device
-        self.get_current_stream = driver.get_current_stream
+    device = driver.get_current_device
+    if device is torch.cuda.current_device:
+        device = torch._C._cuda_getDevice
+    return device, driver.set_current_device, driver.get_current_stream
 
 
 def launch(plan, site: str, name: str, grid: tuple[int, ...], kwargs: dict, **extra) -> Launch:
