@@ -45,7 +45,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--standin"]:
     install(record=False)  # before tritonbn: its kernels must be JITFunctions dispatching to the stand-in
 
 import tritonbn  # noqa: E402
-from tritonbn import autotune, launcher, plans  # noqa: E402
+from tritonbn import autotune, launcher, plan_cache  # noqa: E402
 
 from . import allocations  # noqa: E402
 
@@ -210,7 +210,7 @@ def measure(device: str | None = None) -> list[dict]:
         with tuner:
             for name, (ours, theirs) in group.items():
                 gc.collect()
-                plans.clear()
+                plan_cache.clear()
                 fns = {p: (ours, lambda p=p: path(p)) for p in PATHS}
                 fns["torch"] = (theirs, contextlib.nullcontext)
                 us, wall = _time_all(fns, calls, sync)

@@ -31,7 +31,7 @@ RECORDER = standin.install()
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from tritonbn import autotune, launch, launcher, plans  # noqa: E402
+from tritonbn import autotune, launch, launcher, plan_cache  # noqa: E402
 from tritonbn.autotune import config as config_module  # noqa: E402
 
 SMS = 132
@@ -122,18 +122,18 @@ def check(label: str, fn, named, report: dict, fresh: bool = True) -> list:
     Appends a failure to the report where the two differ."""
     global DISPATCHES
     if fresh:
-        plans.clear()
+        plan_cache.clear()
     launcher.enabled = True
     launches_of(fn, named)  # a new plan's launches go through the JIT and find the compiled kernels
     DISPATCHES = 0
     direct = launches_of(fn, named)
     dispatched = DISPATCHES
-    for plan in plans._plans.values():
+    for plan in plan_cache._plans.values():
         for prepared in plan.launches.values():
             if prepared.direct is not None:
                 report["entries"][prepared.direct[-1] is not None] += 1
     launcher.enabled = False
-    plans.clear()
+    plan_cache.clear()
     jit = launches_of(fn, named)
     launcher.enabled = True
     if dispatched:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tritonbn
-from tritonbn import launch, plans, views
+from tritonbn import launch, plan_cache, plans, views
 from tritonbn.autotune import Cache, LaunchConfig, Problem, Tuner, candidates, heuristic, override, use_tuner
 from tritonbn.autotune import tuner as tuner_module
 from tritonbn.autotune.tuner import ENV_AUTOTUNE, device_context, problem_key
@@ -196,7 +196,7 @@ def test_trials_time_launches_not_plan_building(device, tmp_path, monkeypatch):
         return 10.0 - space.index(config)
     tuner = Tuner(Cache(tmp_path / "t.json", shipped=False), timer=timer)
     with use_tuner(tuner):
-        plans.clear()
+        plan_cache.clear()
         launch.forward_training(x, None, None, None, None, None, 0.1, 1e-5)
     reference = tuner_module.reference_config(_problem("forward", x))
     assert len(built) == len(set(built)) and set(built) == {*space, reference}

@@ -121,7 +121,7 @@ def test_regime_rows_run_the_regime_they_name(tmp_path, monkeypatch):
     built in that regime (a cooperative group of 4 forward programs, 12
     backward ones, on the interpreter's notional SM count), and tritonbn's own
     row carries the regime the heuristic picked."""
-    from tritonbn import plans
+    from tritonbn import plan_cache, plans
     built = []
     for name in ("forward_plan", "backward_plan"):
         original = getattr(plans, name)
@@ -131,7 +131,7 @@ def test_regime_rows_run_the_regime_they_name(tmp_path, monkeypatch):
             built.append(plan.regime)
             return plan
         monkeypatch.setattr(plans, name, spy)
-    plans.clear()
+    plan_cache.clear()
     runner.run(["--shape", "4,2,64,72", "--dtypes", "fp16", "--layouts", "channels_last", "--modes",
                 "forward", "backward", "inference", "--providers", "tritonbn", "--regimes", "--out",
                 str(tmp_path), "--no-plot"])

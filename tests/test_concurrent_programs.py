@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpreterError
 
-from tritonbn import counters, kernels, launch, plans
+from tritonbn import counters, kernels, launch, plan_cache, plans
 from tritonbn.autotune import LaunchConfig
 from tritonbn.autotune import config as config_module
 from tritonbn.autotune.shapes import in_layout
@@ -72,7 +72,7 @@ def test_programs_run_at_once_with_atomic_atomics():
 def _fresh_plans():
     """Plans built here (the GPU's one-launch form) stay out of other tests."""
     yield
-    plans.clear()
+    plan_cache.clear()
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def _phase_zero(monkeypatch, spin_limit):
     """The GPU's one-launch form of the cooperative kernels."""
     monkeypatch.setattr(plans, "cooperative_phases", lambda: (0,))
     monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", spin_limit)
-    plans.clear()
+    plan_cache.clear()
 
 
 def _inputs(layout, dtype=torch.float32):

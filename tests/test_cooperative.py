@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tritonbn import counters, kernels, launch, plans, views
+from tritonbn import counters, kernels, launch, plan_cache, plans, views
 from tritonbn.kernels.cooperative import claim_shares, depart, wait_or_hand_over
 from tritonbn.autotune import LaunchConfig, Problem, heuristic
 from tritonbn.autotune import config as config_module
@@ -164,7 +164,7 @@ def test_eval_backward_is_one_launch_that_waits_for_nothing(monkeypatch, sums):
     waiting (a wait would hand every share over there: spin_limit 0 shows
     none does), and the counters left at zero."""
     monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", 0)
-    plans.clear()
+    plan_cache.clear()
     log = _launches(monkeypatch)
     x, g = torch.randn(4, 3, 5, 5, dtype=torch.float64), torch.randn(4, 3, 5, 5, dtype=torch.float64)
     w, mean, invstd = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64), \
@@ -207,7 +207,7 @@ def _single_launch(monkeypatch, spin_limit, pieces):
     monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", spin_limit)
     if pieces is not None:
         monkeypatch.setattr(plans, "hand_over_piece", lambda cfg, itemsize: pieces)
-    plans.clear()
+    plan_cache.clear()
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

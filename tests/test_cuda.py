@@ -128,7 +128,7 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
     share to the merger while others race it for the same shares (the claim
     CAS). Forward and backward must equal the normal waits' results bit for
     bit, whichever way each race goes."""
-    from tritonbn import plans, views
+    from tritonbn import plan_cache, plans, views
     from tritonbn.autotune import heuristic, override
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     if channels_last:
@@ -151,7 +151,7 @@ def test_cooperative_hand_over_under_real_concurrency(monkeypatch, shape, channe
     expected = run()
     monkeypatch.setattr(plans, "COOPERATIVE_WAIT_NS", 0)  # the timed wait (triton >= 3.7)
     monkeypatch.setattr(plans, "COOPERATIVE_SPIN_LIMIT", 0)  # the poll count (triton 3.6)
-    plans.clear()
+    plan_cache.clear()
     for _ in range(3):
         for a, b in zip(run(), expected):
             assert torch.equal(a, b)

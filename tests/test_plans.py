@@ -1,4 +1,4 @@
-"""The launch-plan cache (tritonbn/plans.py) and the fast path of repeated
+"""The launch-plan cache (tritonbn/plan_cache.py, tritonbn/plans.py) and the fast path of repeated
 eager calls: a plan is reused only for exactly the key it was built for, a
 reused plan gives bitwise what a fresh call gives, bad input is still
 rejected however often it comes, and the eager path binds no signatures."""
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tritonbn
-from tritonbn import plans, views
+from tritonbn import plan_cache, plans, views
 from tritonbn.autotune import LaunchConfig, override
 
 
@@ -25,9 +25,9 @@ def built(monkeypatch):
         return build
     monkeypatch.setattr(plans, "forward_plan", counting("forward", plans.forward_plan))
     monkeypatch.setattr(plans, "backward_plan", counting("backward", plans.backward_plan))
-    plans.clear()
+    plan_cache.clear()
     yield count
-    plans.clear()
+    plan_cache.clear()
 
 
 def _call(x, C, *, training=True, affine=True, track=True, relu=False, residual=False, param_dtype=None):
@@ -86,7 +86,7 @@ def test_plans_are_keyed_by_everything_that_changes_a_launch(device, built):
         for a, b in zip(first, warm[name]):
             assert torch.equal(a, b), name
     for name, (x, kwargs) in variants.items():
-        plans.clear()
+        plan_cache.clear()
         fresh = _call(x, channels[name], **kwargs)
         for a, b in zip(fresh, warm[name]):
             assert torch.equal(a, b), name
@@ -210,20 +210,20 @@ def test_a_planned_backward_finds_its_plan_on_the_forward_plan(device, built, mo
         return torch.autograd.grad(y, wrt, grad)
     expected = {}
     for name, (grad, wrt) in cases.items():
-        plans.clear()
+        plan_cache.clear()
         expected[name] = run(grad, wrt)  # unplanned: the op and the full keys
     for _ in range(2):
         for name, (grad, wrt) in cases.items():
             for got, want in zip(run(grad, wrt), expected[name]):
                 assert torch.equal(got, want), name
     full_keys = []
-    backward_key = plans.backward_key
-    monkeypatch.setattr(plans, "backward_key", lambda *args: full_keys.append(1) or backward_key(*args))
+    backward_key = plan_cache.backward_key
+    monkeypatch.setattr(plan_cache, "backward_key", lambda *args: full_keys.append(1) or backward_key(*args))
     for name, (grad, wrt) in cases.items():
         for got, want in zip(run(grad, wrt), expected[name]):
             assert torch.equal(got, want), name
     assert len(full_keys) == 2, "only the misaligned and the other-layout grad_out look up their plan by key"
-    forward_plan, = [p for p in plans._plans.values() if isinstance(p, plans.ForwardPlan)]
+    forward_plan, = [p for p in plan_cache._plans.values() if isinstance(p, plans.ForwardPlan)]
     links = forward_plan.backward_plans
     assert len(links) == 3 and [bool(plan) for plan in links.values()].count(False) == 1, \
         "a plan for each set of gradients wanted; the other layout: known to take the full path"
@@ -234,11 +234,75 @@ def test_the_common_key_is_the_general_one(device):
     running stats and no residual; it is the general form's, entry for entry."""
     x = torch.randn(4, 3, 5, device=device)
     weight, bias, mean, var = (torch.rand(3, device=device) for _ in range(4))
-    key = plans.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False)
-    residual_key = plans.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, x, False)
-    assert key[-17:] == plans.tensor_entries(weight, bias, mean, var, None)
-    assert residual_key[:-20] == key[:-17] and residual_key[-20:] == plans.tensor_entries(weight, bias, mean,
+    key = plan_cache.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False)
+    residual_key = plan_cache.forward_key("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, x, False)
+    assert key[-17:] == plan_cache.tensor_entries(weight, bias, mean, var, None)
+    assert residual_key[:-20] == key[:-17] and residual_key[-20:] == plan_cache.tensor_entries(weight, bias, mean,
                                                                                             var, x)
+
+
+def test_a_repeated_call_finds_its_plan_through_one_guard(device, built, monkeypatch):
+    """plan_cache.find_forward: a repeated call finds its plan through a
+    guard, without its full key; calls that differ only in what the guard
+    compares (the input's strides or dtype, requires_grad, Parameter for
+    Tensor) each get a guard of their own and the plan of their own key;
+    every result is bitwise a fresh call's."""
+    full_keys = []
+    full_key = plan_cache._forward_key
+    monkeypatch.setattr(plan_cache, "_forward_key", lambda *args: full_keys.append(1) or full_key(*args))
+    x = torch.randn(4, 3, 5, 2, device=device)
+    weight, bias = torch.linspace(0.5, 1.5, 3, device=device), torch.linspace(-1, 1, 3, device=device)
+    mean, var = torch.linspace(-1, 1, 3, device=device), torch.linspace(0.5, 2, 3, device=device)
+    variants = {
+        "base": (x, weight),
+        "requires_grad": (x, weight.clone().requires_grad_()),
+        "Parameter": (x, torch.nn.Parameter(weight.clone())),
+        "strides": (x.contiguous(memory_format=torch.channels_last), weight),
+        "dtype": (x.double(), weight.double()),
+    }
+
+    def call(name):
+        x, w = variants[name]
+        b, m, v = (t.to(w.dtype) for t in (bias, mean, var))
+        with torch.no_grad():
+            return tritonbn.batch_norm(x, m, v, w, b, training=False)
+    expected = {}
+    for name in variants:
+        plan_cache.clear()
+        expected[name] = call(name)
+    plan_cache.clear()
+    for _ in range(2):  # the first call builds, the second finds its plan by its full key and keeps a guard
+        for name in variants:
+            assert torch.equal(call(name), expected[name]), name
+    assert built["forward"] == len(expected) + 3, "one plan per key: base, requires_grad and Parameter share one"
+    full_keys.clear()
+    for name in variants:
+        assert torch.equal(call(name), expected[name]), name
+    assert not full_keys, "each repeated call is found through its guard"
+    (guards,) = plan_cache._guarded.values()
+    assert len(guards) == len(variants) and len({id(plan) for _, plan in guards}) == 3
+    # a tensor subclass is never found, through a guard or by key: the full path runs for it
+    sub = x.as_subclass(type("Sub", (torch.Tensor,), {}))
+    assert plan_cache.find_forward("inference", sub, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False,
+                                   frozenset((torch.Tensor, torch.nn.Parameter, type(None)))) is None
+    # tensors that alias each other (here weight is bias: the base's key) keep no guard, as
+    # TensorGuards rejects them: each call finds its plan by its full key
+    reference = F.batch_norm(x.double(), mean.double(), var.double(), weight.double(), weight.double())
+    for _ in range(3):
+        with torch.no_grad():
+            y = tritonbn.batch_norm(x, mean, var, weight, weight, training=False)
+        torch.testing.assert_close(y, reference.float())
+    assert len(full_keys) == 3 and len(guards) == len(variants)
+    # at most MAX_GUARDS guards per entry; a call past them is found by its full key
+    plan_cache.clear()
+    monkeypatch.setattr(plan_cache, "MAX_GUARDS", 2)
+    for _ in range(2):
+        for name in variants:
+            call(name)
+    (guards,) = plan_cache._guarded.values()
+    full_keys.clear()
+    assert torch.equal(call("dtype"), expected["dtype"])
+    assert len(guards) == 2 and full_keys == [1]
 
 
 def test_override_is_not_cached(device, built):
@@ -249,7 +313,7 @@ def test_override_is_not_cached(device, built):
         tritonbn.batch_norm(x, None, None, training=True)
         tritonbn.batch_norm(x, None, None, training=True)
     assert built["forward"] == 2
-    assert not plans._plans
+    assert not plan_cache._plans
 
 
 def test_repeated_eager_calls_bind_no_signatures(device, built, monkeypatch):

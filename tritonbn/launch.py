@@ -2,12 +2,13 @@
 
 Each public launcher reads its input through one canonical (N, C, S) view
 (tritonbn.views; an input no view fits is copied once into the output's
-format, and so is a gradient whose layout differs from the input's), then
-looks up the call's launch plan (tritonbn.plans: view, config, grids,
-arguments, computed once per call key); on a miss it builds the plan
-(choosing, or tuning, the config) and caches it where the call used its
-tensors as they are. ``run_forward`` / ``run_backward`` then allocate the
-outputs, in the memory format PyTorch's batch_norm gives them, and launch.
+format, and so is a gradient whose layout differs from the input's), builds
+the call's launch plan (tritonbn.plans: view, config, grids, arguments),
+choosing or tuning the config, and runs it: ``run_forward`` /
+``run_backward`` allocate the outputs, in the memory format PyTorch's
+batch_norm gives them, and launch. The plan cache wraps each launcher
+(``cached``): a call whose key it holds runs the stored plan on its tensors
+as given; a plan is stored where the call used its tensors as they are.
 
 These functions assume validated arguments (tritonbn.checks runs before
 them) and a non-empty input.
@@ -18,7 +19,7 @@ import functools
 
 import torch
 
-from . import counters, plans, views
+from . import counters, plan_cache, plans, views
 from .launcher import launch
 from .autotune import LaunchConfig
 from .plans import BackwardPlan, ForwardPlan
@@ -28,11 +29,36 @@ __all__ = ["acc_dtype", "backward", "forward_inference", "forward_training", "ou
            "run_backward", "run_forward", "write_back"]
 
 
-def _cacheable(x: torch.Tensor, key: tuple | None, *pairs) -> bool:
-    """A plan may be stored under key when every tensor was used as given (no
-    copy: each pair is (given, used)) and no CUDA graph is being captured (the
-    tuner does not choose for good there)."""
-    if key is None or any(given is not used for given, used in pairs):
+def cached(key, run):
+    """The plan cache around a launcher (tritonbn.plan_cache). The launcher
+    ``launcher(*args, config=None, **options)`` reads its input through a
+    canonical view, builds its plan (choosing or tuning the config) and
+    launches it; it returns ``(outputs, plan, reusable)``, reusable where it
+    ran on every tensor as given (no copy) and outside CUDA-graph capture.
+    Wrapped, a call looks ``key(*args, **options)`` up first (no key with a
+    forced config) and, found, launches ``run(plan, *args, **options)``;
+    otherwise the launcher runs and its plan is stored under the key where
+    reusable."""
+    def wrap(launcher):
+        @functools.wraps(launcher)
+        def call(*args, config: LaunchConfig | None = None, **options):
+            found_key = None if config is not None else key(*args, **options)
+            plan = found_key and plan_cache.lookup(found_key)
+            if plan:
+                return run(plan, *args, **options)
+            outputs, plan, reusable = launcher(*args, config=config, **options)
+            if found_key is not None and reusable:
+                plan_cache.remember(found_key, plan)
+            return outputs
+        return call
+    return wrap
+
+
+def _reusable(x: torch.Tensor, *pairs) -> bool:
+    """Whether a plan may be kept for later calls: every tensor was used as
+    given (no copy: each pair is (given, used)) and no CUDA graph is being
+    captured (the tuner does not choose for good there)."""
+    if any(given is not used for given, used in pairs):
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -43,8 +69,20 @@ def _scratch_running_stats(running_mean, running_var):
             for t in (running_mean, running_var)]
 
 
+def _training_key(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *,
+                  residual=None, relu=False):
+    return plan_cache.forward_key("forward", x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                  True, momentum, eps, residual, relu)
+
+
+def _run_training(plan, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *,
+                  residual=None, relu=False):
+    return run_forward(plan, x, weight, bias, running_mean, running_var, num_batches_tracked, residual)
+
+
+@cached(_training_key, _run_training)
 def forward_training(x, weight, bias, running_mean, running_var, num_batches_tracked,
-                     momentum: float | None, eps: float, config: LaunchConfig | None = None, *,
+                     momentum: float | None, eps: float, *, config: LaunchConfig | None = None,
                      residual: torch.Tensor | None = None, relu: bool = False):
     """Batch statistics, normalize, update running stats in place.
 
@@ -52,14 +90,6 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     read on the device. Fused tail: y = relu(bn(x) + residual) with either part
     optional. Returns (y, save_mean, save_invstd).
     """
-    key = None
-    if config is None:
-        key = plans.forward_key("forward", x, weight, bias, running_mean, running_var, num_batches_tracked,
-                                True, momentum, eps, residual, relu)
-        found = key and plans.lookup(key)
-        if found:
-            return run_forward(found, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                               residual)
     given = (x, weight, bias, running_mean, running_var, residual)
     x, view, fmt = views.canonical(x)
     weight, bias = dense(weight), dense(bias)
@@ -71,29 +101,31 @@ def forward_training(x, weight, bias, running_mean, running_var, num_batches_tra
     scratch = functools.cache(lambda: _scratch_running_stats(running_mean, running_var))
     cfg = plans.choose("forward", view, x, config, lambda c: run_forward(
         build(c), x, weight, bias, *scratch(), num_batches_tracked, residual))
-    found = build(cfg)
-    if _cacheable(x, key, *zip(given, (x, weight, bias, *running, residual))):
-        plans.remember(key, found)
-    outputs = run_forward(found, x, weight, bias, *running, num_batches_tracked, residual)
+    plan = build(cfg)
+    outputs = run_forward(plan, x, weight, bias, *running, num_batches_tracked, residual)
     write_back((running_mean, running_var), running)
-    return outputs
+    return outputs, plan, _reusable(x, *zip(given, (x, weight, bias, *running, residual)))
 
 
-def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
-                      config: LaunchConfig | None = None, *, residual: torch.Tensor | None = None,
+def _inference_key(x, weight, bias, running_mean, running_var, eps, *, residual=None, relu=False,
+                   keep_stats=True):
+    return plan_cache.forward_key("inference", x, weight, bias, running_mean, running_var, None, False, None, eps,
+                                  residual, relu)
+
+
+def _run_inference(plan, x, weight, bias, running_mean, running_var, eps, *, residual=None, relu=False,
+                   keep_stats=True):
+    return run_forward(plan, x, weight, bias, running_mean, running_var, None, residual, keep_stats=keep_stats)
+
+
+@cached(_inference_key, _run_inference)
+def forward_inference(x, weight, bias, running_mean, running_var, eps: float, *,
+                      config: LaunchConfig | None = None, residual: torch.Tensor | None = None,
                       relu: bool = False, keep_stats: bool = True):
     """y = x * scale + shift from the running stats (then + residual, ReLU).
     Returns (y, mean, invstd) with mean = running_mean and invstd =
     1 / sqrt(running_var + eps) in the statistics dtype, for the eval-mode
     backward; keep_stats=False: (y, None, None)."""
-    key = None
-    if config is None:
-        key = plans.forward_key("inference", x, weight, bias, running_mean, running_var, None, False, None, eps,
-                                residual, relu)
-        found = key and plans.lookup(key)
-        if found:
-            return run_forward(found, x, weight, bias, running_mean, running_var, None, residual,
-                               keep_stats=keep_stats)
     given = (x, weight, bias, running_mean, running_var, residual)
     x, view, fmt = views.canonical(x)
     weight, bias, running_mean, running_var = (dense(t) for t in (weight, bias, running_mean, running_var))
@@ -103,10 +135,9 @@ def forward_inference(x, weight, bias, running_mean, running_var, eps: float,
         eps=eps, residual=residual, r_strides=r_strides, relu=relu))
     tensors = (x, weight, bias, running_mean, running_var, None, residual)
     cfg = plans.choose("inference", view, x, config, lambda c: run_forward(build(c), *tensors))
-    found = build(cfg)
-    if _cacheable(x, key, *zip(given, (x, weight, bias, running_mean, running_var, residual))):
-        plans.remember(key, found)
-    return run_forward(found, *tensors, keep_stats=keep_stats)
+    plan = build(cfg)
+    outputs = run_forward(plan, *tensors, keep_stats=keep_stats)
+    return outputs, plan, _reusable(x, *zip(given, (x, weight, bias, running_mean, running_var, residual)))
 
 
 def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -126,8 +157,8 @@ def run_forward(p: ForwardPlan, x, weight, bias, running_mean, running_var, num_
                 running_var, x, x)
             return y, None, None
     device = x.device
-    save_mean = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
-    save_invstd = torch.empty(p.view.C, dtype=p.stats_dtype, device=device)
+    save_mean = p.stats_like.new_empty(p.view.C)
+    save_invstd = p.stats_like.new_empty(p.view.C)
     dummy = save_mean
     w = dummy if weight is None else weight
     b = dummy if bias is None else bias
@@ -168,8 +199,8 @@ def write_back(buffers, dense_copies) -> None:
 
 
 def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
-             output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None,
-             config: LaunchConfig | None = None, *, output: torch.Tensor | None = None,
+             output_mask: tuple[bool, bool, bool], bias_dtype: torch.dtype | None = None, *,
+             config: LaunchConfig | None = None, output: torch.Tensor | None = None,
              residual_grad: bool = False, relu_from_input: bool = False, bias: torch.Tensor | None = None):
     """(grad_input, grad_weight, grad_bias, grad_residual); an entry is None where
     output_mask is False, where there is no weight (grad_weight) or no bias
@@ -185,13 +216,26 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
     if not (any(mask) or residual_grad):
         return None, None, None, None
     bias = bias if relu_from_input else None  # read for the recomputed mask only
-    key = None
-    if config is None:
-        key = plans.backward_key(grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, output,
-                                 residual_grad, relu_from_input, bias)
-        found = key and plans.lookup(key)
-        if found:
-            return run_backward(found, grad_out, x, weight, save_mean, save_invstd, output, bias)
+    return _backward(grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, config=config,
+                     output=output, residual_grad=residual_grad, relu_from_input=relu_from_input, bias=bias)
+
+
+def _backward_key(grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, *, output,
+                  residual_grad, relu_from_input, bias):
+    return plan_cache.backward_key(grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype,
+                                   output, residual_grad, relu_from_input, bias)
+
+
+def _run_backward(plan, grad_out, x, weight, save_mean, save_invstd, training, mask, bias_dtype, *, output,
+                  residual_grad, relu_from_input, bias):
+    return run_backward(plan, grad_out, x, weight, save_mean, save_invstd, output, bias)
+
+
+@cached(_backward_key, _run_backward)
+def _backward(grad_out, x, weight, save_mean, save_invstd, training: bool, mask, bias_dtype, *, config,
+              output, residual_grad: bool, relu_from_input: bool, bias):
+    """backward() past its argument checks: mask holds only gradients that
+    have somewhere to go, bias is given only for a recomputed ReLU mask."""
     given = (grad_out, x, weight, save_mean, save_invstd, output, bias)
     x, view, fmt = views.canonical(x)
     grad_out, _ = conform(grad_out, view, fmt)
@@ -203,10 +247,8 @@ def backward(grad_out, x, weight, save_mean, save_invstd, training: bool,
         has_bias=bias is not None))
     tensors = (grad_out, x, weight, save_mean, save_invstd, output, bias)
     cfg = plans.choose("backward", view, x, config, lambda c: run_backward(build(c), *tensors))
-    found = build(cfg)
-    if _cacheable(x, key, *zip(given, tensors)):
-        plans.remember(key, found)
-    return run_backward(found, *tensors)
+    plan = build(cfg)
+    return run_backward(plan, *tensors), plan, _reusable(x, *zip(given, tensors))
 
 
 def _memoized(build):
@@ -228,10 +270,10 @@ def cached_backward_plan(grad_out, x, weight, save_mean, save_invstd, training: 
                          bias: torch.Tensor | None):
     """The plan backward() keeps for these arguments (after a call with them),
     or None where it keeps none."""
-    key = plans.backward_key(grad_out, x, weight, save_mean, save_invstd, training,
+    key = plan_cache.backward_key(grad_out, x, weight, save_mean, save_invstd, training,
                              _backward_mask(weight, output_mask, bias_dtype), bias_dtype, output, residual_grad,
                              relu_from_input, bias if relu_from_input else None)
-    return key and plans.lookup(key)
+    return key and plan_cache.lookup(key)
 
 
 def _output_like(p, x: torch.Tensor) -> torch.Tensor:
@@ -253,8 +295,8 @@ def run_backward(p: BackwardPlan, grad_out, x, weight, save_mean, save_invstd, o
     if sums is not None:
         db, dw = sums[0], sums[1]
     else:
-        dw = None if p.dweight_dtype is None else torch.empty(p.view.C, dtype=p.dweight_dtype, device=device)
-        db = None if p.dbias_dtype is None else torch.empty(p.view.C, dtype=p.dbias_dtype, device=device)
+        dw = None if p.dweight_like is None else p.dweight_like.new_empty(p.view.C)
+        db = None if p.dbias_like is None else p.dbias_like.new_empty(p.view.C)
     dummy = save_mean
     dx_ = dx if dx is not None else (dr if dr is not None else x)
     y = x if output is None else output

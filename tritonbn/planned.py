@@ -1,9 +1,9 @@
 """The fast path of a plain eager call whose launch plan is cached.
 
 A repeated call (the same shapes, strides, dtypes, devices, flags and config
-source as an earlier one that passed every check) finds its launch plan by
-key (tritonbn.plans.forward_key) and launches it: no argument checks, no
-view analysis, no config choice. Where a gradient is needed it runs under
+source as an earlier one that passed every check) finds its launch plan
+(tritonbn.plan_cache.find_forward: one guard check, else its full key) and
+launches it: no argument checks, no view analysis, no config choice. Where a gradient is needed it runs under
 PlannedBatchNormFunction, an autograd.Function of its own: the plan is one
 of its arguments, y its only output, and apply is autograd's C++ entry, so
 the call pays no Python binding of its arguments. Its backward finds its
@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import launch, plans
+from . import launch, plan_cache
 from .ops import (
-    BatchNormFunction, EagerBatchNormFunction, _context, _legacy_batched, _plain_eager, _saved, _set_context,
-    mark_updated,
+    _PLAIN_TYPES, BatchNormFunction, EagerBatchNormFunction, _context, _dispatch_modes, _functorch_active,
+    _is_tracing, _legacy_batched, _plain_eager, _saved, _set_context, mark_updated,
 )
 
 
@@ -98,15 +98,15 @@ def _backward_link(need, grad_out, input, weight, save_mean, save_invstd, y, bia
     not track, a ``.data`` swap, torch's own backward does not check either).
     A plan stored under it is launch.cached_backward_plan's, or False where
     backward() keeps none (those take the full path without looking again)."""
-    source = plans._source("backward")
-    if source is None or plans.alignment(grad_out, input, weight, save_mean, save_invstd, y, bias):
+    source = plan_cache.config_source("backward")
+    if source is None or plan_cache.alignment(grad_out, input, weight, save_mean, save_invstd, y, bias):
         return None
     return (need, source, grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device)
 
 
 # autograd's C++ apply, without autograd.Function.apply's Python wrapper
 _apply_planned = super(torch.autograd.Function, PlannedBatchNormFunction).apply
-_plans = plans._plans  # the plan cache (cleared and filled in place)
+_find_forward = plan_cache.find_forward
 
 
 def planned_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
@@ -116,11 +116,11 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
     where the full path must run (another context, a key seen for the first
     time, anything a check would reject). Autograd is skipped where nothing
     requires a gradient and no forward-mode AD is active."""
-    if not _plain_eager(input, weight, bias, running_mean, running_var, num_batches_tracked, residual):
+    # _plain_eager's global checks; find_forward checks the tensors' types
+    if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
         return None
-    key = plans.forward_key("forward" if training else "inference", input, weight, bias, running_mean,
-                            running_var, num_batches_tracked, training, momentum, eps, residual, relu)
-    plan = key and _plans.get(key)  # plans.lookup, inlined
+    plan = _find_forward("forward" if training else "inference", input, weight, bias, running_mean, running_var,
+                         num_batches_tracked, training, momentum, eps, residual, relu, _PLAIN_TYPES)
     if not plan:
         return None
     if (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)

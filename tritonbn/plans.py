@@ -1,21 +1,12 @@
 """Launch plans: what a call's kernel launches need beyond its tensors,
-computed once per call key and cached.
+computed once per call key (tritonbn.plan_cache keeps them).
 
-A call's key holds everything its launches and its argument checks depend on:
-shapes, strides, dtypes and devices of every tensor (None for an absent one),
-the flags (training, fused ReLU, the backward's output mask), momentum and
-eps, and where its launch settings come from (the tuner in use, a forced
-config). From the key alone follow the canonical view (kernels/common.py),
-the memory format and strides of the outputs, the config, the grids, the
-constexprs and every scalar argument; a plan holds them, ready to launch.
-A repeated call looks its key up, allocates its outputs and launches
+From a call's key alone follow the canonical view (tritonbn.views), the
+memory format and strides of the outputs, the config, the grids, the
+constexprs and every scalar argument; a plan holds them, ready to launch. A
+repeated call finds its plan, allocates its outputs and launches
 (tritonbn.launch.run_*): no view analysis, no config choice, no argument
 building.
-
-Checks stay complete: a plan is stored only for a call that passed every
-check (tritonbn.checks), and a call whose key differs in anything a check
-reads (a wrong channel count, device or dtype, one value per channel in
-training, eps) misses the cache and is checked in full.
 
 Not cached (such calls take the full path each time): inputs no canonical
 view fits (copied first), strided per-channel tensors (dense copies), a
@@ -39,9 +30,6 @@ from .autotune.config import cdiv, next_power_of_2
 from .views import View, acc_dtype, flat_row_stride, needs_int64, strides_in, vector_width
 
 _ACC = {torch.float64: tl.float64}
-# Distinct keys kept; past that the cache starts over (a process that sees
-# this many shapes is tracing or sweeping, not training).
-MAX_PLANS = 4096
 
 
 def _to_float32(value: float) -> float:
@@ -168,6 +156,10 @@ class ForwardPlan:
     phases: tuple[int, ...] = ()  # the cooperative kernel's launches
     num_flags: int = 0            # the cooperative regime's int32 counters (counters.zeroed)
     args_without_stats: dict = field(default_factory=dict)  # inference without save_mean / save_invstd
+    # 0-element tensors of the statistics' dtype on the call's device: new_empty
+    # of one allocates a per-channel tensor in 0.7 us, torch.empty(C, dtype=,
+    # device=) in 1.0 on this repository's CPU machine
+    stats_like: torch.Tensor | None = None
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
     backward_plans: dict = field(default_factory=dict)  # the backward plans of its outputs (tritonbn.planned)
     autograd: tuple | None = None  # what tritonbn.planned's autograd Function keeps per plan
@@ -210,7 +202,7 @@ def forward_plan(x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weigh
     grid, n_per_split, s_per_split = grid_split(view, cfg)
     stats_dtype = acc_dtype(x.dtype)
     plan = ForwardPlan(training, cfg.regime if training else "split", view, size, stride, stats_dtype, grid, args,
-                       like_input=allocated_like(x, stride))
+                       like_input=allocated_like(x, stride), stats_like=x.new_empty(0, dtype=stats_dtype))
     eps_hi, eps_lo = hi_lo(eps)
     if not training:
         args.update(n_per_split=n_per_split, s_per_split=s_per_split, eps_hi=eps_hi, eps_lo=eps_lo,
@@ -270,7 +262,8 @@ def _flat_plan(x, y_meta, view: View, cfg: LaunchConfig, row_strides, *, weight,
     grid = (cdiv(length, cfg.block_s), cdiv(rows, rows_per_split))
     size, stride = tuple(y_meta.shape), y_meta.stride()
     return ForwardPlan(False, "flat", view, size, stride, acc_dtype(x.dtype), grid, args,
-                       like_input=allocated_like(x, stride), args_without_stats=dict(args, STORE_STATS=False))
+                       like_input=allocated_like(x, stride), args_without_stats=dict(args, STORE_STATS=False),
+                       stats_like=x.new_empty(0, dtype=acc_dtype(x.dtype)))
 
 
 # How long a cooperative program waits for its channel block's flag before it
@@ -343,6 +336,8 @@ class BackwardPlan:
     phases: tuple[int, ...] = ()
     num_flags: int = 0
     launches: dict = field(default_factory=dict)  # call site -> launcher.Launch, made on first use
+    dweight_like: torch.Tensor | None = None  # 0-element, of dweight_dtype on the device (ForwardPlan.stats_like)
+    dbias_like: torch.Tensor | None = None    # 0-element, of dbias_dtype on the device
 
 
 def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: bool, weight,
@@ -378,6 +373,10 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
                         bias_dtype if need_db else None,
                         need_dx, residual_grad, has_sums, has_bias, grid, args,
                         like_input=allocated_like(x, stride))
+    if plan.dweight_dtype is not None:
+        plan.dweight_like = x.new_empty(0, dtype=plan.dweight_dtype)
+    if plan.dbias_dtype is not None:
+        plan.dbias_like = x.new_empty(0, dtype=plan.dbias_dtype)
     if cfg.regime in ("resident", "cooperative"):
         args.update(STORE_DWEIGHT=need_dw, STORE_DBIAS=need_db)
         plan.grid = (grid[0],)
@@ -401,106 +400,3 @@ def backward_plan(grad_out, x, view: View, fmt, cfg: LaunchConfig, *, training: 
                 count_hi=count_hi, count_lo=count_lo)
     return plan
 
-
-# ---------------------------------------------------------------- keys and the cache
-
-_plans: dict[tuple, object] = {}
-
-
-def lookup(key: tuple):
-    return _plans.get(key)
-
-
-def remember(key: tuple, plan) -> None:
-    if len(_plans) >= MAX_PLANS:
-        _plans.clear()
-    _plans[key] = plan
-
-
-def clear() -> None:
-    """Forget every plan (the next call of each key builds its plan again)."""
-    _plans.clear()
-
-
-def alignment(*tensors: torch.Tensor | None) -> int | tuple:
-    """0 where every given pointer is 16-byte aligned (the common case: one
-    OR of the addresses), else each one's address mod 16 (None: absent)."""
-    bits = 0
-    for t in tensors:
-        if t is not None:
-            bits |= t.data_ptr()
-    if not bits & 15:
-        return 0
-    return tuple(None if t is None else t.data_ptr() % 16 for t in tensors)
-
-
-def _source(op: str):
-    """Where the config of `op` comes from: the tuner in use (its identity:
-    use_tuner swaps it), or None when a config is forced with override (such
-    plans are not cached). Reads the autotune module's state directly."""
-    forced = autotune._forced.get()
-    if forced is not None and op in forced:
-        return None
-    return autotune._tuner or autotune.get_tuner()
-
-
-# The keys below run on every call: attribute reads inlined, one flat tuple
-# (an absent tensor is one None, a present one its four entries: the tuple
-# still tells every combination apart).
-
-def forward_key(op: str, input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
-                momentum, eps, residual, relu: bool) -> tuple | None:
-    """The key of a forward call of op ("forward" or "inference"), None where
-    it is not cached (_source). Eval ignores momentum and num_batches_tracked,
-    as the kernels do. Every pointer's 16-byte alignment is in it: the
-    kernels' VEC depends on the data's (vector_width), and Triton specializes
-    each pointer argument on it, so a plan's compiled kernels
-    (tritonbn.launcher) are the ones the JIT would pick."""
-    forced = autotune._forced.get()  # _source(op), inlined
-    if forced is not None and op in forced:
-        return None
-    source = autotune._tuner or autotune.get_tuner()
-    tracked = num_batches_tracked if training else None
-    bits = input.data_ptr()  # alignment(), inlined for the common case
-    for t in (weight, bias, running_mean, running_var, tracked, residual):
-        if t is not None:
-            bits |= t.data_ptr()
-    aligned = 0 if not bits & 15 else alignment(input, weight, bias, running_mean, running_var, tracked, residual)
-    head = (op, source, training, momentum if training else None, eps, relu,
-            None if tracked is None else (tracked.shape, tracked.dtype, tracked.device), aligned,
-            input.shape, input.stride(), input.dtype, input.device)
-    if residual is None and weight is not None and bias is not None and running_mean is not None \
-            and running_var is not None:  # the common case: tensor_entries' tuple, spelled out
-        return head + (weight.shape, weight.stride(), weight.dtype, weight.device,
-                       bias.shape, bias.stride(), bias.dtype, bias.device,
-                       running_mean.shape, running_mean.stride(), running_mean.dtype, running_mean.device,
-                       running_var.shape, running_var.stride(), running_var.dtype, running_var.device, None)
-    return head + tensor_entries(weight, bias, running_mean, running_var, residual)
-
-
-def tensor_entries(*tensors) -> tuple:
-    """The key's entries of the given tensors: None for an absent one, its
-    shape, strides, dtype and device for a present one."""
-    entries = []
-    for t in tensors:
-        if t is None:
-            entries.append(None)
-        else:
-            entries += (t.shape, t.stride(), t.dtype, t.device)
-    return tuple(entries)
-
-
-def backward_key(grad_out, input, weight, save_mean, save_invstd, training: bool, output_mask,
-                 bias_dtype, output, residual_grad: bool, relu_from_input: bool, bias) -> tuple | None:
-    source = _source("backward")
-    if source is None:
-        return None
-    return ("backward", source, training, tuple(output_mask), bias_dtype, residual_grad, relu_from_input,
-            alignment(grad_out, input, weight, save_mean, save_invstd, output, bias),
-            grad_out.shape, grad_out.stride(), grad_out.dtype, grad_out.device,
-            input.shape, input.stride(), input.dtype, input.device,
-            *((None,) if weight is None else (weight.shape, weight.stride(), weight.dtype, weight.device)),
-            save_mean.shape, save_mean.stride(), save_mean.dtype,
-            save_invstd.shape, save_invstd.stride(), save_invstd.dtype,
-            *((None,) if output is None else (output.shape, output.stride(), output.dtype)),
-            *((None,) if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.device)))
