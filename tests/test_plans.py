@@ -305,6 +305,20 @@ def test_a_repeated_call_finds_its_plan_through_one_guard(device, built, monkeyp
     assert len(guards) == 2 and full_keys == [1]
 
 
+def test_without_tensor_guards_every_call_uses_its_full_key(device, built, monkeypatch):
+    """Where torch's TensorGuards is not usable, a repeated call finds its
+    plan by its full key, keeps no guard, and gives the same results."""
+    monkeypatch.setattr(plan_cache, "_TensorGuards", None)
+    x = torch.randn(4, 3, 5, device=device)
+    running = [torch.zeros(3, device=device), torch.ones(3, device=device)]
+    with torch.no_grad():
+        results = [tritonbn.batch_norm(x, *running, training=False) for _ in range(3)]
+    assert built["forward"] == 1 and not plan_cache._guarded
+    reference = F.batch_norm(x.double(), running[0].double(), running[1].double())
+    for y in results:
+        torch.testing.assert_close(y, reference.float())
+
+
 def test_override_is_not_cached(device, built):
     """A forced config runs as forced, and leaves no plan behind for later calls."""
     x = torch.randn(4, 3, 5, device=device)

@@ -18,12 +18,13 @@ Building a key reads about 25 tensor attributes in Python (2.3 us on this
 repository's CPU machine). A repeated plain eager forward (find_forward)
 reads fewer: its scalars, which tensors are absent, the pointers' alignment
 and the input's shape pick a short list of guarded plans, and one C++ call
-(torch's TensorGuards, what torch.compile's guards use) compares every
-tensor's type, dispatch keys, dtype, device, requires_grad, sizes and
-strides with those of a call that found the plan by its full key. The
-guards are stricter than the key (type and requires_grad are in them): a
-call they reject looks its full key up, and a plan found so gets a guard
-for that call too. ``python -m bench --host`` times both.
+(torch's TensorGuards, torch._C._dynamo.guards) compares every tensor's
+type, dispatch keys, dtype, device, requires_grad, sizes and strides with
+those of a call that found the plan by its full key. The guards are
+stricter than the key (type and requires_grad are in them): a call they
+reject looks its full key up, and a plan found so gets a guard for that
+call too. Where TensorGuards is missing or behaves otherwise, every call
+uses its full key. ``python -m bench --host`` times the repeated calls.
 """
 from __future__ import annotations
 
@@ -31,10 +32,23 @@ import torch
 
 from . import autotune
 
-try:
-    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
-except ImportError:  # pragma: no cover - a torch without dynamo's guards: full keys only
-    _TensorGuards = None
+
+def _tensor_guards():
+    """torch's TensorGuards where it behaves as find_forward relies on (it
+    admits the tensors it was made with, rejects another dtype), else None:
+    full keys only."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+        a, b = torch.empty(2), torch.empty(2)
+        guard = TensorGuards(a, b, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        if guard.check(a, b) and not guard.check(a, b.double()):
+            return TensorGuards
+    except Exception:  # pragma: no cover - a torch whose private API moved
+        pass
+    return None
+
+
+_TensorGuards = _tensor_guards()
 
 # Distinct keys kept; past that the cache starts over (a process that sees
 # this many shapes is tracing or sweeping, not training).
