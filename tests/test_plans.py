@@ -280,11 +280,20 @@ def test_a_repeated_call_finds_its_plan_through_one_guard(device, built, monkeyp
         assert torch.equal(call(name), expected[name]), name
     assert not full_keys, "each repeated call is found through its guard"
     (guards,) = plan_cache._guarded.values()
-    assert len(guards) == len(variants) and len({id(plan) for _, plan in guards}) == 3
+    assert len(guards) == len(variants) and len({id(plan) for _, (plan, _) in guards}) == 3
+    # what each guard admits requires a gradient exactly where its call did (a Parameter does)
+    assert sorted(requires_grad for _, (_, requires_grad) in guards) == [False, False, False, True, True]
     # a tensor subclass is never found, through a guard or by key: the full path runs for it
-    sub = x.as_subclass(type("Sub", (torch.Tensor,), {}))
+    plain = frozenset((torch.Tensor, torch.nn.Parameter, type(None)))
+    Sub = type("Sub", (torch.Tensor,), {})
+    assert plan_cache.find_forward("inference", x, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False,
+                                   plain) is not None
+    sub = x.as_subclass(Sub)
     assert plan_cache.find_forward("inference", sub, weight, bias, mean, var, None, False, 0.1, 1e-5, None, False,
-                                   frozenset((torch.Tensor, torch.nn.Parameter, type(None)))) is None
+                                   plain) is None
+    tracked = torch.tensor(0, device=device).as_subclass(Sub)  # eval ignores it, yet its subclass sees the op
+    assert plan_cache.find_forward("inference", x, weight, bias, mean, var, tracked, False, 0.1, 1e-5, None,
+                                   False, plain) is None
     # tensors that alias each other (here weight is bias: the base's key) keep no guard, as
     # TensorGuards rejects them: each call finds its plan by its full key
     reference = F.batch_norm(x.double(), mean.double(), var.double(), weight.double(), weight.double())

@@ -58,7 +58,7 @@ MAX_PLANS = 4096
 MAX_GUARDS = 8
 
 _plans: dict[tuple, object] = {}
-_guarded: dict[tuple, list] = {}  # find_forward's index: entry -> [(TensorGuards, plan)]
+_guarded: dict[tuple, list] = {}  # find_forward's index: entry -> [(TensorGuards, (plan, requires_grad))]
 # What a guard compares in an absent tensor's slot: one tensor per slot, as
 # TensorGuards rejects arguments that alias each other.
 _ABSENT = tuple(torch.empty(0) for _ in range(6))
@@ -108,17 +108,21 @@ def config_source(op: str):
 
 def find_forward(op: str, input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,
                  momentum, eps, residual, relu: bool, plain_types):
-    """The cached plan of a plain eager forward call of op ("forward" or
-    "inference"), or None: through the guarded index, else by the full key
-    (forward_key), whose plan then gets a guard for this call. plain_types:
-    the tensor types a plan may be found for by its full key (tensor
-    subclasses take the full path); a guard admits only the types it was
-    made with."""
+    """(plan, requires_grad) for a plain eager forward call of op ("forward"
+    or "inference") whose plan is cached, else None: through the guarded
+    index, else by the full key (forward_key), whose plan then gets a guard
+    for this call. requires_grad: whether input, weight, bias or residual
+    requires a gradient (a guard compares every tensor's requires_grad, so
+    it holds for every call the guard admits). plain_types: the tensor
+    types a plan may be found for by its full key (tensor subclasses take
+    the full path); a guard admits only the types it was made with."""
     forced = autotune._forced.get()  # config_source(op), inlined
     if forced is not None and op in forced:
         return None
     source = autotune._tuner or autotune.get_tuner()
     tracked = num_batches_tracked if training else None
+    if tracked is None and num_batches_tracked is not None and type(num_batches_tracked) not in plain_types:
+        return None  # eval ignores it, but a tensor subclass still sees the op
     try:  # alignment(), inlined for the common case
         bits = input.data_ptr()
         for t in (weight, bias, running_mean, running_var, tracked, residual):
@@ -136,19 +140,22 @@ def find_forward(op: str, input, weight, bias, running_mean, running_var, num_ba
                a[4] if tracked is None else tracked, a[5] if residual is None else residual)
     guarded = _guarded.get(entry)
     if guarded is not None:
-        for guard, plan in guarded:
+        for guard, found in guarded:
             if guard.check(*tensors):
-                return plan
+                return found
     for t in tensors:  # a loop, not all(genexpr): a guard's miss runs it
         if type(t) not in plain_types:
             return None
     plan = _plans.get(_forward_key(op, source, training, momentum, eps, relu, aligned, input, weight, bias,
                                    running_mean, running_var, tracked, residual))
-    if plan and _TensorGuards is not None and (guarded is None or len(guarded) < MAX_GUARDS):
+    if not plan:
+        return None
+    found = (plan, any(t is not None and t.requires_grad for t in (input, weight, bias, residual)))
+    if _TensorGuards is not None and (guarded is None or len(guarded) < MAX_GUARDS):
         guard = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
         if guard.check(*tensors):  # False where tensors alias each other: those calls use the full key
-            _guarded.setdefault(entry, []).append((guard, plan))
-    return plan
+            _guarded.setdefault(entry, []).append((guard, found))
+    return found
 
 
 def forward_key(op: str, input, weight, bias, running_mean, running_var, num_batches_tracked, training: bool,

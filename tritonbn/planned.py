@@ -3,12 +3,13 @@
 A repeated call (the same shapes, strides, dtypes, devices, flags and config
 source as an earlier one that passed every check) finds its launch plan
 (tritonbn.plan_cache.find_forward: one guard check, else its full key) and
-launches it: no argument checks, no view analysis, no config choice. Where a gradient is needed it runs under
-PlannedBatchNormFunction, an autograd.Function of its own: the plan is one
-of its arguments, y its only output, and apply is autograd's C++ entry, so
-the call pays no Python binding of its arguments. Its backward finds its
-plan on the forward's (by grad_out alone) and falls back to
-tritonbn.ops.BatchNormFunction's backward in any other context.
+launches it: no argument checks, no view analysis, no config choice. Where
+a gradient is needed it runs under PlannedBatchNormFunction, an
+autograd.Function of its own: the plan is one of its arguments, y its only
+output, and apply is autograd's C++ entry, so the call pays no Python
+binding of its arguments. Its backward finds its plan on the forward's (by
+grad_out alone) and falls back to tritonbn.ops.BatchNormFunction's
+backward in any other context.
 
 Everything else (a key seen for the first time, tracing, dispatch modes,
 functorch transforms, tensor subclasses) takes the full path:
@@ -119,14 +120,12 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
     # _plain_eager's global checks; find_forward checks the tensors' types
     if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
         return None
-    plan = _find_forward("forward" if training else "inference", input, weight, bias, running_mean, running_var,
-                         num_batches_tracked, training, momentum, eps, residual, relu, _PLAIN_TYPES)
-    if not plan:
+    found = _find_forward("forward" if training else "inference", input, weight, bias, running_mean, running_var,
+                          num_batches_tracked, training, momentum, eps, residual, relu, _PLAIN_TYPES)
+    if found is None:
         return None
-    if (torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
-                                     or (bias is not None and bias.requires_grad)
-                                     or (residual is not None and residual.requires_grad))) \
-            or forward_ad._current_level >= 0:
+    plan, requires_grad = found
+    if (requires_grad and torch.is_grad_enabled()) or forward_ad._current_level >= 0:
         return _apply_planned(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                               momentum, eps, residual, relu, plan)
     y, _, _ = launch.run_forward(plan, input, weight, bias, running_mean, running_var, num_batches_tracked,
