@@ -132,7 +132,7 @@ def backward_input_from_means(grad_out, x, weight, save_mean, save_invstd, means
     weight = dense(weight)
     p, grad_out, x = _sync_backward_plan(grad_out, x, weight, (True, False, False), None, True)
     dx, _, _, _ = launch.run_backward(p, grad_out, x, weight, dense(save_mean), dense(save_invstd), None, None,
-                               partials=means.view(2, 1, -1))
+                                      partials=means.view(2, 1, -1))
     return dx
 
 
@@ -174,8 +174,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             total = sums.clone()
             dist.all_reduce(total, group=ctx.group)
             if input.numel():
-                dx = backward_input_from_means(grad_out, input, weight, save_mean, save_invstd,
-                                                      total / count)
+                dx = backward_input_from_means(grad_out, input, weight, save_mean, save_invstd, total / count)
         if need_dw:
             dw = sums[1].to(weight.dtype)
         if need_db:

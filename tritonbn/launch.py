@@ -271,8 +271,8 @@ def cached_backward_plan(grad_out, x, weight, save_mean, save_invstd, training: 
     """The plan backward() keeps for these arguments (after a call with them),
     or None where it keeps none."""
     key = plan_cache.backward_key(grad_out, x, weight, save_mean, save_invstd, training,
-                             _backward_mask(weight, output_mask, bias_dtype), bias_dtype, output, residual_grad,
-                             relu_from_input, bias if relu_from_input else None)
+                                  _backward_mask(weight, output_mask, bias_dtype), bias_dtype, output,
+                                  residual_grad, relu_from_input, bias if relu_from_input else None)
     return key and plan_cache.lookup(key)
 
 

@@ -215,13 +215,20 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack  # how many modes: what _ge
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
+def _eager_context() -> bool:
+    """No torch.compile / export / jit tracing, no dispatch mode
+    (FakeTensorMode, FlopCounterMode, ...), no functorch transform: what
+    _plain_eager asks of the context, without its tensors."""
+    return not (torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active())
+
+
 def _plain_eager(*tensors: Tensor | None) -> bool:
     """Plain eager execution: no torch.compile / export / jit tracing, no
     dispatch mode (FakeTensorMode, FlopCounterMode, ...), no functorch
     transform, no tensor subclass. There the ops' Python implementations are
     called directly, skipping ~50 us of custom-op dispatch per call; anywhere
     else the registered ops run, so tracers see them."""
-    if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
+    if not _eager_context():
         return False
     for t in tensors:  # a loop, not all(genexpr): this runs on every call
         if type(t) not in _PLAIN_TYPES:

@@ -25,8 +25,8 @@ from torch.autograd import forward_ad
 
 from . import launch, plan_cache
 from .ops import (
-    _PLAIN_TYPES, BatchNormFunction, EagerBatchNormFunction, _context, _dispatch_modes, _functorch_active,
-    _is_tracing, _legacy_batched, _plain_eager, _saved, _set_context, mark_updated,
+    _PLAIN_TYPES, BatchNormFunction, EagerBatchNormFunction, _context, _eager_context, _legacy_batched,
+    _plain_eager, _saved, _set_context, mark_updated,
 )
 
 
@@ -117,8 +117,7 @@ def planned_forward(input, weight, bias, running_mean, running_var, num_batches_
     where the full path must run (another context, a key seen for the first
     time, anything a check would reject). Autograd is skipped where nothing
     requires a gradient and no forward-mode AD is active."""
-    # _plain_eager's global checks; find_forward checks the tensors' types
-    if torch.compiler.is_compiling() or _is_tracing() or _dispatch_modes() or _functorch_active():
+    if not _eager_context():  # _plain_eager's context; find_forward checks the tensors' types
         return None
     found = _find_forward("forward" if training else "inference", input, weight, bias, running_mean, running_var,
                           num_batches_tracked, training, momentum, eps, residual, relu, _PLAIN_TYPES)
